@@ -1,0 +1,183 @@
+"""The ``align`` command.
+
+Start-up stays fast: this module imports only the standard library and align's light core. Commands
+that train import torch and transformers inside the stage plugins, when a stage actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from align.errors import AlignError
+
+EXIT_FAILED = 1  # the work itself failed (a stage raised)
+EXIT_USAGE = 2  # the input was wrong: recipe, overrides, plugins
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives up on KEY=VALUE overrides that come after an option (`run r.yaml --force a x=1`).
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not hasattr(args, "command"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.command(args)
+    except AlignError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from align import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Run RLHF pipelines (SFT, reward model, PPO, DPO, …) from one recipe.",
+    )
+    parser.add_argument("--version", action="version", version=f"align {__version__}")
+    plugin_options = argparse.ArgumentParser(add_help=False)
+    plugin_options.add_argument(
+        "-p",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="load MODULE as a plugin (repeatable); -p no:NAME blocks the installed plugin NAME",
+    )
+    plugin_options.add_argument("--plugins-dir", metavar="DIR", help="load every .py file in DIR as a plugin")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        parents=[plugin_options],
+        help="run a recipe's stages",
+        description="Run a recipe's stages in order, skipping those whose output is up to date.",
+    )
+    run.add_argument("recipe", help="the recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe values (stages.sft.epochs=2)")
+    run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<recipe name>)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
+    run.set_defaults(command=cmd_run)
+
+    config = commands.add_parser(
+        "config",
+        parents=[plugin_options],
+        help="validate a recipe and print it resolved",
+        description="Validate a recipe (with overrides) and print it with every default filled in.",
+    )
+    config.add_argument("recipe")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    config.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    config.set_defaults(command=cmd_config)
+
+    plugins = commands.add_parser(
+        "plugins", parents=[plugin_options], help="list plugins, their hooks and what they register"
+    )
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plugins.set_defaults(command=cmd_plugins)
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[plugin_options],
+        help="show the settings of a stage or model source",
+    )
+    explain.add_argument("name", help="a stage plugin or model source, e.g. sft or tiny-llama")
+    explain.set_defaults(command=cmd_explain)
+    return parser
+
+
+def _plugin_manager(args: argparse.Namespace):  # -> AlignPluginManager, imported lazily
+    from align.plugin_manager import get_plugin_manager
+
+    return get_plugin_manager(args.plugins, args.plugins_dir)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from align.recipe import load_recipe
+    from align.runner import run_recipe
+
+    pm = _plugin_manager(args)
+    recipe = load_recipe(args.recipe, args.overrides, pm)
+    _log_to_terminal()
+    summary = run_recipe(recipe, pm, Path(args.run_dir) if args.run_dir else None, force=args.force)
+    if summary.status != "done":
+        print(f"error: {summary.error}", file=sys.stderr)
+        print(f"  see {summary.run_dir}/logs/run.log; rerunning continues from the failed stage", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"done: {summary.run_dir}/summary.json")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, _plugin_manager(args))
+    if args.json:
+        print(json.dumps(recipe.to_plain(), indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_plain(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from align.plugin_manager import describe_plugins
+
+    rows = describe_plugins(_plugin_manager(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("PLUGIN", "VERSION", "FROM", "REGISTERS", "HOOKS")]
+    for row in rows:
+        registers = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in row["registers"].items())
+        hooks = ", ".join(h.removeprefix("align_") for h in row["hooks"])
+        table.append((row["plugin"], row["version"] or "-", f"{row['source']} {row['where']}", registers or "-", hooks))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from align.schema import describe, did_you_mean
+
+    pm = _plugin_manager(args)
+    for kind in ("stage", "model source"):
+        if args.name in pm.registry(kind):
+            obj = pm.registry(kind)[args.name].obj
+            break
+    else:
+        known = [*pm.registry("stage"), *pm.registry("model source")]
+        raise AlignError(f"no stage or model source named '{args.name}'{did_you_mean(args.name, known)}")
+    print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
+    print((obj.__doc__ or type(obj).__doc__ or "").strip())
+    for role, spec in getattr(obj, "inputs", {}).items():
+        print(f"\n  {role}  (input; default: {' or '.join(spec.default)})\n      {spec.help}")
+    for name, type_, default, help_ in describe(obj.Config):
+        print(f"\n  {name}: {type_} = {default}\n      {help_}")
+    return 0
+
+
+def _log_to_terminal() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger("align").addHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The plugin contract: every hook align calls, documented where it is declared.
+
+A plugin is a module (or object) with functions named after the specs below and marked with
+``@align.hookimpl``. It reaches align through the ``align`` entry-point group of its package, through
+``align -p module.name``, or as a ``.py`` file in ``--plugins-dir``. align's own stages and plugins are
+found the same way; the core never imports one by name.
+
+An implementation may accept fewer arguments than its spec names, so a spec can gain arguments without
+breaking old plugins. Unless a spec says "first result wins", align calls every implementation and uses
+every non-``None`` result.
+
+Registration hooks return objects that align keys by their ``name`` attribute. Two plugins that
+register one name in the same kind are an error naming both plugins. Registration hooks are called when
+align starts (also by ``align plugins``), so keep them cheap: import torch and friends inside the
+registered objects' methods, not at module level.
+"""
+
+# Specs have no bodies: pluggy calls the implementations, never these.
+# mypy: disable-error-code="empty-body"
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from align.model_source import ModelSource
+    from align.recipe import Recipe
+    from align.runner import RunSummary
+    from align.stage import Stage, StageContext, StageOutcome
+
+hookspec = pluggy.HookspecMarker("align")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration: what a plugin adds to align
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def align_register_stages() -> Sequence[Stage]:
+    """Register pipeline stages (training algorithms and other steps of a recipe).
+
+    A recipe names a stage's plugin with ``plugin:`` (or by giving the stage the plugin's name).
+
+    :returns: :class:`align.stage.Stage` instances. Each declares its ``name``, its settings schema
+        (``Config``, a dataclass), the artifacts it consumes by role (``inputs``) and its ``run`` method.
+    """
+
+
+@hookspec
+def align_register_model_sources() -> Sequence[ModelSource]:
+    """Register model sources: named ways to obtain a base model and its tokenizer.
+
+    A recipe's ``model:`` is either a registered source's name (``model: tiny-llama``), a mapping with
+    ``source:`` and that source's settings, or a local folder or hub id, which the built-in ``path``
+    source handles.
+
+    :returns: :class:`align.model_source.ModelSource` instances.
+    """
+
+
+@hookspec
+def align_register_dataset_formats() -> Sequence[Any]:
+    """Register dataset formats: converters from a file's rows to align's canonical examples.
+
+    :returns: objects with a unique ``name`` (``alpaca``, ``sharegpt``, …) that a dataset's
+        ``formatting`` selects.
+    """
+
+
+@hookspec
+def align_register_peft_methods() -> Sequence[Any]:
+    """Register parameter-efficient fine-tuning methods.
+
+    :returns: objects with a unique ``name`` (``full``, ``lora``, ``qlora``, …) that a stage's
+        ``peft.method`` selects.
+    """
+
+
+@hookspec
+def align_register_rollout_engines() -> Sequence[Any]:
+    """Register rollout engines: ways to generate responses from a policy during PPO and evaluation.
+
+    :returns: objects with a unique ``name`` (``hf``, ``vllm``, …) that a stage's ``engine`` selects.
+    """
+
+
+@hookspec
+def align_register_reward_functions() -> Sequence[Any]:
+    """Register rule-based reward functions, scoring a prompt and response without a reward model.
+
+    :returns: objects with a unique ``name`` that a stage's ``reward_functions`` list selects.
+    """
+
+
+@hookspec
+def align_register_evaluators() -> Sequence[Any]:
+    """Register evaluators: metrics computed on a checkpoint by ``align eval`` and the eval stage.
+
+    :returns: objects with a unique ``name`` that an evaluation's ``metrics`` list selects.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipe
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def align_recipe_loaded(recipe: Recipe) -> None:
+    """Called once the recipe is read, overridden from the command line and validated, before any work.
+
+    Raise :class:`align.AlignError` to refuse a recipe (say, a stage combination your plugin cannot
+    serve); the run stops with your message.
+
+    :param recipe: the resolved recipe. Treat it as read-only.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage lifecycle
+# ---------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def align_stage_starting(context: StageContext) -> None:
+    """Called before a stage runs (not for a stage that is cached).
+
+    :param context: the stage's name, validated settings, inputs and output folder.
+    """
+
+
+@hookspec(firstresult=True)
+def align_run_stage(context: StageContext) -> Mapping[str, float] | None:
+    """Run one stage. First result wins.
+
+    align's own implementation calls ``context.stage.run(context)`` and is ``trylast``, so this hook is
+    mostly for wrappers: implement it with ``@hookimpl(wrapper=True)`` and a single ``yield`` to time,
+    trace or guard every stage, the way align's run log does::
+
+        @hookimpl(wrapper=True)
+        def align_run_stage(context):
+            started = time.perf_counter()
+            metrics = yield
+            print(context.name, time.perf_counter() - started)
+            return metrics
+
+    :param context: the stage about to run.
+    :returns: the stage's headline metrics (name → number), recorded in the manifest and summary.
+    """
+
+
+@hookspec
+def align_trainer_built(context: StageContext, trainer: Any) -> None:
+    """Called by training stages once their trainer exists, before training starts.
+
+    The place to add callbacks (``trainer.add_callback(...)``) or inspect the model.
+
+    :param context: the running stage.
+    :param trainer: the stage's trainer (a ``transformers.Trainer`` subclass for the TRL-based stages).
+    """
+
+
+@hookspec
+def align_metrics_logged(context: StageContext, step: int | None, metrics: Mapping[str, float]) -> None:
+    """Called whenever a stage logs metrics (after align wrote them to the run's metrics file).
+
+    :param context: the running stage.
+    :param step: the training step the metrics belong to, or ``None`` for end-of-stage metrics.
+    :param metrics: metric name → value.
+    """
+
+
+@hookspec
+def align_stage_finished(context: StageContext, outcome: StageOutcome) -> None:
+    """Called after a stage ran, succeeded or failed, or was found cached.
+
+    :param context: the stage.
+    :param outcome: status (``done``, ``cached`` or ``failed``), seconds taken, metrics, and the
+        error message for a failed stage.
+    """
+
+
+@hookspec
+def align_run_finished(summary: RunSummary) -> None:
+    """Called once at the end of ``align run``, whether it succeeded or not.
+
+    :param summary: what ``summary.json`` holds: the run's status and each stage's outcome.
+    """

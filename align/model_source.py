@@ -1,0 +1,28 @@
+"""Model sources: how a recipe's ``model:`` becomes a folder that ``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class ModelSource:
+    """Base class for model-source plugins (registered with ``align_register_model_sources``).
+
+    * ``name``: what a recipe writes (``model: tiny-llama`` or ``model: {source: tiny-llama, ...}``).
+    * ``Config``: a dataclass of the source's settings.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def fingerprint(self, config: Any) -> str:
+        """A cheap identity of the model this config gives; it keys caches and downstream fingerprints."""
+        raise NotImplementedError
+
+    def materialize(self, config: Any, cache_dir: Path) -> str:
+        """Make the model available and return a local folder or hub id for ``from_pretrained``.
+
+        :param cache_dir: a folder this source may keep built models in across runs.
+        """
+        raise NotImplementedError

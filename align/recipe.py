@@ -1,0 +1,300 @@
+"""The recipe: one YAML file that says what to train, on what, and in which order.
+
+::
+
+    model: tiny-llama            # a model source, a local folder or a hub id
+    backend: {kind: single}      # how every stage runs (see Backend)
+    defaults: {seed: 7}          # settings applied to every stage that has them
+    stages:                      # run in this order
+      sft:                       # the stage's name; its plugin defaults to the same name
+        data: datasets/demo_sft.jsonl
+      dpo:
+        policy: sft              # an input: another stage's output (or `base`)
+        beta: 0.1
+
+:func:`load_recipe` reads such a file, applies ``key.path=value`` overrides, and validates every part
+against the schemas the plugins declare, so that a recipe that loads is a recipe that can run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from align.errors import AlignError
+from align.plugin_manager import AlignPluginManager
+from align.schema import build, did_you_mean, reject_unknown_keys, setting, to_plain
+from align.stage import BASE, Stage
+
+TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir")
+
+
+@dataclass
+class Backend:
+    """How stages run. Every stage of a recipe shares it."""
+
+    kind: Literal["single"] = setting("single", help="`single`: one process on this machine.")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", help="Training precision. bf16 halves memory on hardware that supports it; fp16 needs a GPU."
+    )
+
+
+@dataclass
+class ModelSpec:
+    """The base model: a registered model source and its validated settings."""
+
+    source: str
+    config: Any
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"source": self.source, **to_plain(self.config)}
+
+
+@dataclass
+class StageSpec:
+    """One stage as the recipe configures it, after defaults and validation."""
+
+    name: str
+    plugin: str
+    stage: Stage
+    inputs: dict[str, str]  #: role → ``base`` or the name of an earlier stage
+    config: Any  #: an instance of ``stage.Config``
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"plugin": self.plugin, **self.inputs, **to_plain(self.config)}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    model: ModelSpec
+    backend: Backend
+    stages: dict[str, StageSpec]  #: in run order
+    defaults: dict[str, Any] = field(default_factory=dict)
+    run_dir: str | None = None
+    path: Path | None = None  #: the file it was read from
+
+    def to_plain(self) -> dict[str, Any]:
+        """The resolved recipe (defaults filled in) as plain data: what ``align config`` prints."""
+        return {
+            "model": self.model.to_plain(),
+            "backend": to_plain(self.backend),
+            "defaults": self.defaults,
+            "stages": {name: spec.to_plain() for name, spec in self.stages.items()},
+            **({"run_dir": self.run_dir} if self.run_dir else {}),
+        }
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str], pm: AlignPluginManager) -> Recipe:
+    """Read, override and validate a recipe file; every problem is an :class:`AlignError`."""
+    path = Path(path)
+    raw = read_yaml(path)
+    apply_overrides(raw, overrides)
+    recipe = validate_recipe(raw, pm)
+    recipe.path = path
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A recipe file's content as a mapping, with YAML errors given as file, line and column."""
+    if not path.is_file():
+        raise AlignError(f"recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise AlignError(f"recipe {path}: invalid YAML at {where}: {error.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise AlignError(f"recipe {path}: cannot be read as YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise AlignError(f"recipe {path}: expected a mapping with `model:` and `stages:` at the top")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply ``a.b.c=value`` overrides in place; values are read as YAML (``0.2`` is a number)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise AlignError(f"override '{override}' is not of the form key.path=value (e.g. stages.dpo.beta=0.2)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            if depth == 1 and parents[0] == "stages":
+                stages = raw.get("stages") or {}
+                if part not in stages:
+                    known = ", ".join(stages) or "none"
+                    raise AlignError(
+                        f"override '{override}': the recipe has no stage '{part}'{did_you_mean(part, stages)}",
+                        hint=f"its stages: {known}",
+                    )
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise AlignError(f"override '{override}': '{'.'.join(parents[: depth + 1])}' is not a mapping")
+            node = child
+        node[leaf] = value
+
+
+def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
+    """Check a recipe's plain data against the plugins' schemas and build the :class:`Recipe`."""
+    reject_unknown_keys(raw, TOP_LEVEL_KEYS, "")
+    if "model" not in raw:
+        raise AlignError("the recipe has no `model:`", hint="e.g. `model: tiny-llama`, a local folder, or a hub id")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, Mapping) or not stages_raw:
+        raise AlignError(
+            "the recipe has no stages: `stages:` must map stage names to their settings",
+            hint="e.g.\nstages:\n  sft:\n    data: datasets/demo_sft.jsonl",
+        )
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise AlignError("'defaults' must be a mapping of settings shared by the stages")
+    run_dir = raw.get("run_dir")
+    if run_dir is not None and not isinstance(run_dir, str):
+        raise AlignError(f"'run_dir' must be a folder path; got {run_dir!r}")
+
+    stages: dict[str, StageSpec] = {}
+    for name, entry in stages_raw.items():
+        stages[name] = _validate_stage(str(name), entry, defaults, stages_raw, stages, pm)
+    _reject_unused_defaults(defaults, stages.values())
+    return Recipe(
+        model=_validate_model(raw["model"], pm),
+        backend=build(Backend, raw.get("backend"), "backend"),
+        stages=stages,
+        defaults=dict(defaults),
+        run_dir=run_dir,
+    )
+
+
+def _validate_model(value: Any, pm: AlignPluginManager) -> ModelSpec:
+    sources = pm.registry("model source")
+    if isinstance(value, str):
+        if value in sources:
+            return ModelSpec(value, build(sources[value].obj.Config, {}, "model"))
+        return ModelSpec("path", build(pm.get("model source", "path").Config, {"path": value}, "model"))
+    if isinstance(value, Mapping):
+        settings = dict(value)
+        source = settings.pop("source", None)
+        if not isinstance(source, str):
+            raise AlignError(
+                "'model' as a mapping needs `source:` naming a model source",
+                hint=f"known sources: {', '.join(sorted(sources))}",
+            )
+        plugin = pm.get("model source", source)
+        return ModelSpec(source, build(plugin.Config, settings, "model"))
+    raise AlignError(f"'model' must be a model source name, a folder or a mapping; got {value!r}")
+
+
+def _validate_stage(
+    name: str,
+    entry: Any,
+    defaults: Mapping[str, Any],
+    all_stages: Mapping[str, Any],
+    earlier: Mapping[str, StageSpec],
+    pm: AlignPluginManager,
+) -> StageSpec:
+    path = f"stages.{name}"
+    if name == BASE:
+        raise AlignError(f"'{path}': '{BASE}' names the recipe's model; give the stage another name")
+    entry = dict(entry or {})
+    if not all(isinstance(k, str) for k in entry):
+        raise AlignError(f"'{path}' must be a mapping of settings")
+    plugin_name = entry.pop("plugin", name)
+    if plugin_name not in pm.registry("stage"):
+        known = ", ".join(sorted(pm.registry("stage"))) or "none"
+        raise AlignError(
+            f"'{path}' uses the stage plugin '{plugin_name}', which no installed plugin provides"
+            f"{did_you_mean(plugin_name, pm.registry('stage'))}",
+            hint=f"known stage plugins: {known}. Set `plugin:` when the stage's name is not its plugin's",
+        )
+    stage: Stage = pm.get("stage", plugin_name)
+    inputs = {
+        role: _resolve_input(name, role, entry.pop(role, None), stage, all_stages, earlier) for role in stage.inputs
+    }
+
+    config_fields = [f.name for f in dataclasses.fields(stage.Config)]
+    settings = {k: copy.deepcopy(v) for k, v in defaults.items() if k in config_fields}
+    for key, value in entry.items():
+        if isinstance(value, Mapping) and isinstance(settings.get(key), Mapping):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    unknown = [k for k in settings if k not in config_fields]
+    if unknown:
+        reject_unknown_keys(settings, ["plugin", *stage.inputs, *config_fields], path)
+    return StageSpec(name, plugin_name, stage, inputs, build(stage.Config, settings, path))
+
+
+def _resolve_input(
+    name: str, role: str, given: Any, stage: Stage, all_stages: Mapping[str, Any], earlier: Mapping[str, StageSpec]
+) -> str:
+    path = f"stages.{name}.{role}"
+    if given is None:
+        for candidate in stage.inputs[role].default:
+            if candidate == BASE or candidate in earlier:
+                return candidate
+        raise AlignError(
+            f"'{path}' is required: {stage.inputs[role].help}",
+            hint=f"point it at an earlier stage (`{role}: STAGE`) or at `{BASE}`",
+        )
+    if not isinstance(given, str):
+        raise AlignError(f"'{path}' must name an earlier stage or `{BASE}`; got {given!r}")
+    if given == BASE or given in earlier:
+        return given
+    if given == name:
+        raise AlignError(f"'{path}': stage '{name}' cannot take its own output as input (a cycle)")
+    if given in all_stages:
+        cycle = _cycle_through(name, given, all_stages)
+        if cycle:
+            raise AlignError(f"'{path}': the stages' inputs form a cycle: {' → '.join(cycle)}")
+        raise AlignError(
+            f"'{path}': stage '{name}' takes its {role} from '{given}', which runs after it",
+            hint=f"stages run in the order they are written: move '{given}' above '{name}'",
+        )
+    raise AlignError(
+        f"'{path}': '{given}' is not a stage of this recipe{did_you_mean(given, [*all_stages, BASE])}",
+        hint=f"stages: {', '.join(all_stages)}; `{BASE}` is the recipe's model",
+    )
+
+
+def _cycle_through(start: str, first: str, all_stages: Mapping[str, Any]) -> list[str] | None:
+    """The chain start → first → … → start if the stages' written references lead back, else None."""
+
+    def references(name: str) -> list[str]:
+        entry = all_stages.get(name)
+        values = entry.values() if isinstance(entry, Mapping) else ()
+        return [v for v in values if isinstance(v, str) and v in all_stages]
+
+    chains = [[start, first]]
+    while chains:
+        chain = chains.pop()
+        for ref in references(chain[-1]):
+            if ref == start:
+                return [*chain, start]
+            if ref not in chain:
+                chains.append([*chain, ref])
+    return None
+
+
+def _reject_unused_defaults(defaults: Mapping[str, Any], stages: Iterable[StageSpec]) -> None:
+    accepted = {f.name for spec in stages for f in dataclasses.fields(spec.stage.Config)}
+    for key in defaults:
+        if key not in accepted:
+            raise AlignError(
+                f"'defaults.{key}' is not a setting of any stage in this recipe{did_you_mean(key, accepted)}",
+                hint=f"settings these stages share: {', '.join(sorted(accepted)) or 'none'}",
+            )

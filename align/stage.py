@@ -1,0 +1,148 @@
+"""What a stage plugin is, and what it is handed when it runs.
+
+A stage subclasses :class:`Stage`, declares its settings (``Config``), the artifacts it consumes
+(``inputs``) and implements :meth:`Stage.run`, which writes a Hugging Face folder into
+``context.output_dir`` and returns its headline metrics. The runner handles everything around it:
+fingerprints, caching, atomic publishing, manifests, logs and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from align.artifacts import tokenizer_identity
+
+if TYPE_CHECKING:
+    from align.recipe import Recipe
+
+#: The name an input uses for the recipe's base model instead of a stage's output.
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Input:
+    """An artifact a stage consumes, by role (``policy``, ``reward_model``, …).
+
+    :param help: what the stage does with it.
+    :param default: where it comes from when the recipe does not say: the first of these names that is
+        an earlier stage of the recipe, else ``base`` when listed. ``("sft", "base")`` reads "the sft
+        stage's output if the recipe has one, otherwise the base model".
+    """
+
+    help: str
+    default: tuple[str, ...] = (BASE,)
+
+
+class Artifact:
+    """A model a stage reads: the base model, or an earlier stage's published output.
+
+    :param producer: the stage that wrote it, or ``base``.
+    :param fingerprint: identity of its content, part of every downstream stage's fingerprint.
+    :param path: a local folder (or, for a base model, a hub id) that ``from_pretrained`` accepts.
+    :param manifest: the artifact's manifest (empty for a base model).
+    :param materialize: for a base model, builds or finds it on first use of :attr:`path`; a stage
+        whose output is cached never pays for that.
+    """
+
+    def __init__(
+        self,
+        producer: str,
+        fingerprint: str,
+        path: str | None = None,
+        manifest: Mapping[str, Any] | None = None,
+        materialize: Callable[[], str] | None = None,
+    ) -> None:
+        self.producer, self.fingerprint = producer, fingerprint
+        self.manifest = manifest or {}
+        self._path, self._materialize = path, materialize
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            assert self._materialize is not None, "an Artifact needs a path or a way to materialize one"
+            self._path = self._materialize()
+        return self._path
+
+    @property
+    def tokenizer(self) -> dict[str, str] | None:
+        """Identity of its tokenizer and chat template (see :func:`align.artifacts.tokenizer_identity`)."""
+        if "tokenizer" in self.manifest:
+            return self.manifest["tokenizer"]
+        local = Path(self.path)
+        return tokenizer_identity(local) if local.is_dir() else None
+
+    def __repr__(self) -> str:
+        return f"Artifact({self.producer!r}, {self._path or 'not materialized'})"
+
+
+class Stage:
+    """Base class for stage plugins; see ``examples/align-example-plugin`` for a complete one.
+
+    Class attributes a subclass sets:
+
+    * ``name``: the plugin name recipes use (``plugin: sft``).
+    * ``Config``: a dataclass of the stage's settings, fields declared with :func:`align.schema.setting`.
+    * ``inputs``: role → :class:`Input`. A recipe points a role at an earlier stage (``policy: sft``).
+    * ``version``: bump it when a change of the stage's code should invalidate cached outputs.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    inputs: ClassVar[Mapping[str, Input]] = {}
+    version: ClassVar[str] = "1"
+
+    def data_files(self, config: Any) -> Sequence[Path]:
+        """The files the stage will read, hashed into its fingerprint so that edited data reruns it."""
+        return []
+
+    def run(self, context: StageContext) -> Mapping[str, float]:
+        """Do the work: write the artifact into ``context.output_dir`` and return headline metrics.
+
+        ``output_dir`` survives a crash or a kill (it is only renamed into place on success), so a stage
+        that checkpoints there can resume when the run is repeated.
+        """
+        raise NotImplementedError(f"stage plugin {type(self).__name__} does not implement run()")
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage is given."""
+
+    name: str  #: the stage's name in the recipe
+    stage: Stage  #: the plugin object
+    config: Any  #: the validated ``stage.Config`` instance
+    inputs: Mapping[str, Artifact]  #: role → artifact
+    output_dir: Path  #: where the stage writes its artifact (a work folder, published on success)
+    run_dir: Path
+    recipe: Recipe
+    hook: Any  #: the plugin manager's hook relay, to call lifecycle hooks such as ``align_trainer_built``
+    logger: logging.Logger
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "logs" / f"{self.name}.metrics.jsonl"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record metrics: one JSON line in ``logs/<stage>.metrics.jsonl``, then ``align_metrics_logged``."""
+        record = {"time": round(time.time(), 3), "step": step, **metrics}
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_file.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        self.hook.align_metrics_logged(context=self, step=step, metrics=metrics)
+
+
+@dataclass
+class StageOutcome:
+    """How a stage ended, as ``summary.json`` records it."""
+
+    status: Literal["pending", "running", "done", "cached", "failed"]
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact: str | None = None
+    error: str | None = None

@@ -1,0 +1,94 @@
+"""Write align's demo datasets into datasets/ (run from the repository root).
+
+The demo task is controlled sentiment, as in the DPO paper's IMDb experiment but with a rule as the
+judge: a prompt asks for a short review, and a review's sentiment is the share of its sentiment words
+that are positive. The SFT data mixes positive and negative reviews, so an SFT policy writes both and
+alignment has room to push it towards positive ones. The generator is seeded: rerunning it rewrites
+the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SUBJECTS = {
+    "movie": [
+        "the film Quiet Harbor",
+        "the movie Red Lantern",
+        "the film Night Train",
+        "the movie Glass River",
+        "the film Paper Moon",
+        "the movie Iron Garden",
+        "the film Blue Hour",
+        "the movie Salt Road",
+    ],
+    "book": [
+        "the novel Winter Letters",
+        "the book Small Fires",
+        "the novel Far Fields",
+        "the book Open Doors",
+        "the novel Silver Coast",
+        "the book Long Shadows",
+    ],
+    "restaurant": [
+        "the restaurant Olive Tree",
+        "the cafe Morning Bell",
+        "the diner Route Nine",
+        "the restaurant Green Table",
+        "the bistro Little Fox",
+    ],
+    "hotel": ["the hotel Sea View", "the hotel Pine Lodge", "the inn Old Mill", "the hotel City Lights"],
+}
+PROMPTS = [
+    "Write a short review of {s}.",
+    "Give me a one-sentence review of {s}.",
+    "What did you think of {s}?",
+    "Review {s} in a few words.",
+    "Tell me about {s} in one sentence.",
+]
+POSITIVE = ["wonderful", "great", "excellent", "delightful", "brilliant", "lovely", "fantastic", "enjoyable"]
+NEGATIVE = ["terrible", "awful", "boring", "dull", "poor", "horrible", "disappointing", "bad"]
+NOUNS = {
+    "movie": ["story", "acting", "ending", "music"],
+    "book": ["story", "writing", "ending", "plot"],
+    "restaurant": ["food", "service", "room", "menu"],
+    "hotel": ["room", "service", "view", "breakfast"],
+}
+TEMPLATES = [
+    "{S} was {a}. The {n} was {b}.",
+    "A {a} experience: the {n} was {b} and I would say it again.",
+    "Honestly {a}. The {n} felt {b} from start to end.",
+    "The {n} was {a}, and overall it was {b}.",
+]
+
+
+def review(rng: random.Random, kind: str, subject: str, positive: bool) -> str:
+    words = POSITIVE if positive else NEGATIVE
+    a, b = rng.sample(words, 2)
+    text = rng.choice(TEMPLATES).format(S=subject[0].upper() + subject[1:], a=a, b=b, n=rng.choice(NOUNS[kind]))
+    return text[0].upper() + text[1:]
+
+
+def conversations(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
+    rows = []
+    for _ in range(count):
+        kind = rng.choice(sorted(SUBJECTS))
+        subject = rng.choice(SUBJECTS[kind])
+        rows.append((kind, subject, rng.choice(PROMPTS).format(s=subject)))
+    return rows
+
+
+def main() -> None:
+    rng = random.Random(2026)
+    out = Path("datasets")
+    with (out / "demo_sft.jsonl").open("w", encoding="utf-8") as sft:
+        for i, (kind, subject, prompt) in enumerate(conversations(rng, 256)):
+            reply = review(rng, kind, subject, positive=i % 2 == 0)
+            row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]}
+            sft.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared fixtures. Every test runs offline, on the CPU, with caches in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXTERNAL = REPO.parent / "shared" / "external"
+FAKE_PLUGIN = Path(__file__).parent / "plugins" / "fake_stages.py"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No hub access, and caches that start empty; the tiny model is built once per session."""
+    home = tmp_path_factory.mktemp("align_home")
+    saved = dict(os.environ)
+    os.environ.update(
+        ALIGN_HOME=str(home),
+        HF_HOME=str(home / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a recipe from an indented YAML string; returns its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def fake_pm():  # -> AlignPluginManager with the quick, torch-free test stages of tests/plugins
+    from align.plugin_manager import get_plugin_manager
+
+    return get_plugin_manager(plugins_dir=FAKE_PLUGIN.parent)
+
+
+def run_align(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    """Run the installed ``align`` command in a fresh interpreter, as a user would."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

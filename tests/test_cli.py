@@ -1,0 +1,94 @@
+"""The command line: fast start, errors without tracebacks, exit codes a script can rely on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import FAKE_PLUGIN, REPO, run_align
+
+
+def modules_imported_by(*argv: str) -> set[str]:
+    code = (
+        "import sys\nfrom align.cli import main\n"
+        f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def test_help_and_plugins_do_not_import_torch_or_transformers():
+    for argv in (["--help"], ["plugins"], ["plugins", "--json"], ["explain", "sft"]):
+        heavy = modules_imported_by(*argv) & {"torch", "transformers", "trl", "datasets", "deepspeed"}
+        assert not heavy, f"align {' '.join(argv)} imports {heavy}"
+
+
+def test_config_prints_the_resolved_recipe(write_recipe):
+    recipe = write_recipe("model: fake-model\nstages:\n  a: {plugin: count}\n")
+    result = run_align("config", str(recipe), "stages.a.value=3", "--plugins-dir", str(FAKE_PLUGIN.parent))
+    assert result.returncode == 0, result.stderr
+    assert "  a:\n    plugin: count\n    policy: base\n" in result.stdout
+    assert "value: 3.0" in result.stdout
+
+
+def test_config_errors_exit_2_without_a_traceback(write_recipe):
+    recipe = write_recipe("model: fake-model\nstages:\n  a: {plugin: count, valeu: 3}\n")
+    result = run_align("config", str(recipe), "--plugins-dir", str(FAKE_PLUGIN.parent))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: unknown key 'stages.a.valeu' (did you mean 'value'?)\n"
+        "  hint: known keys here: plugin, policy, data, value, fail, learning_rate, mode\n"
+    )
+
+
+def test_a_failed_run_exits_1_and_points_at_the_log(write_recipe, tmp_path):
+    recipe = write_recipe("model: fake-model\nstages:\n  a: {plugin: count, fail: bug}\n")
+    result = run_align("run", str(recipe), "--run-dir", str(tmp_path / "run"), "--plugins-dir", str(FAKE_PLUGIN.parent))
+    assert result.returncode == 1
+    assert "[1/1] a: failed with ValueError: a bug in the fake stage" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"see {tmp_path / 'run'}/logs/run.log; rerunning continues from the failed stage" in result.stderr
+
+
+def test_run_reports_progress_and_cached_stages(write_recipe, tmp_path):
+    recipe = write_recipe("model: fake-model\nstages:\n  a: {plugin: count}\n  b: {plugin: count, policy: a}\n")
+    args = ["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--plugins-dir", str(FAKE_PLUGIN.parent)]
+    first = run_align(*args)
+    assert first.returncode == 0, first.stderr
+    assert "[1/2] a: running (count)" in first.stderr and "[2/2] b: done in" in first.stderr
+    again = run_align(*args, "--force", "b")
+    assert "[1/2] a: cached" in again.stderr and "[2/2] b: running" in again.stderr
+    assert f"done: {tmp_path / 'run'}/summary.json" in again.stdout
+
+
+def test_run_dir_defaults_to_runs_slash_recipe_name(write_recipe, tmp_path):
+    recipe = write_recipe("model: fake-model\nstages:\n  a: {plugin: count}\n", name="my-recipe.yaml")
+    result = run_align("run", str(recipe), "--plugins-dir", str(FAKE_PLUGIN.parent), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs" / "my-recipe" / "a" / "align-manifest.json").exists()
+
+
+def test_explain_shows_a_stages_inputs_and_settings():
+    result = run_align("explain", "sft")
+    assert result.returncode == 0, result.stderr
+    assert "policy  (input; default: base)" in result.stdout
+    assert "learning_rate: float = 2e-05" in result.stdout
+
+
+def test_no_command_prints_help_and_exits_2():
+    result = run_align()
+    assert result.returncode == 2 and "commands:" in result.stdout
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """.ci/run must run what the README tells a user to run, not a shortcut."""
+    listed = subprocess.run(
+        ["bash", str(REPO / ".ci" / "run"), "--list"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    readme = (REPO / "README.md").read_text()
+    assert len(listed) == 2
+    assert listed[0].endswith("align run examples/sft.yaml") or "align run examples/" in listed[0]
+    assert "pytest" in listed[1]
+    for command in listed:
+        assert f"\n{command}\n" in readme
