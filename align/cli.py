@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, args.overrides, pm)
     _log_to_terminal()
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed run records where it stopped, like Ctrl-C
     summary = run_recipe(recipe, pm, Path(args.run_dir) if args.run_dir else None, force=args.force)
     if summary.status != "done":
         print(f"error: {summary.error}", file=sys.stderr)
@@ -170,6 +172,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for name, type_, default, help_ in describe(obj.Config):
         print(f"\n  {name}: {type_} = {default}\n      {help_}")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _log_to_terminal() -> None:

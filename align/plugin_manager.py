@@ -79,8 +79,9 @@ class AlignPluginManager(pluggy.PluginManager):
         self.origins: dict[str, PluginOrigin] = {}
         self._registries: dict[str, dict[str, Registered]] = {}
 
-    def add_plugin(self, plugin: Any, name: str, origin: PluginOrigin) -> None:
+    def add_plugin(self, plugin: Any, name: str, origin: PluginOrigin | None = None) -> None:
         """Register ``plugin`` and check its hooks against the specs; an error names the plugin."""
+        origin = origin or PluginOrigin("registered", name)
         if self.is_registered(plugin):
             return  # the same module reached twice, e.g. an installed plugin also given with -p
         if self.has_plugin(name):
@@ -254,7 +255,7 @@ def describe_plugins(pm: AlignPluginManager) -> list[Mapping[str, Any]]:
     """One row per plugin, read from the manager itself: what ``align plugins`` prints."""
     rows: list[Mapping[str, Any]] = []
     for name, plugin in pm.list_name_plugin():
-        origin = pm.origins.get(name, PluginOrigin("registered", name))
+        origin = pm.origins[name]
         rows.append(
             {
                 "plugin": name,

@@ -210,9 +210,9 @@ def _validate_stage(
     path = f"stages.{name}"
     if name == BASE:
         raise AlignError(f"'{path}': '{BASE}' names the recipe's model; give the stage another name")
+    if entry is not None and not isinstance(entry, Mapping):
+        raise AlignError(f"'{path}' must be a mapping of settings; got {entry!r}")
     entry = dict(entry or {})
-    if not all(isinstance(k, str) for k in entry):
-        raise AlignError(f"'{path}' must be a mapping of settings")
     plugin_name = entry.pop("plugin", name)
     if plugin_name not in pm.registry("stage"):
         known = ", ".join(sorted(pm.registry("stage"))) or "none"

@@ -106,7 +106,10 @@ def run_recipe(
         try:
             runner.run_all()
         except KeyboardInterrupt:
-            summary.status, summary.error = "interrupted", "interrupted by the user"
+            summary.status, summary.error = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
+            for outcome in summary.stages.values():
+                if outcome.status == "running":
+                    outcome.status, outcome.error = "failed", "interrupted"
             raise
         finally:
             summary.write()

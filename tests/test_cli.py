@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import FAKE_PLUGIN, REPO, run_align
 
@@ -38,7 +41,7 @@ def test_config_errors_exit_2_without_a_traceback(write_recipe):
     assert result.returncode == 2
     assert result.stderr == (
         "error: unknown key 'stages.a.valeu' (did you mean 'value'?)\n"
-        "  hint: known keys here: plugin, policy, data, value, fail, learning_rate, mode\n"
+        "  hint: known keys here: plugin, policy, data, value, fail, learning_rate, mode, sleep\n"
     )
 
 
@@ -92,3 +95,30 @@ def test_ci_runs_exactly_the_readme_commands():
     assert "pytest" in listed[1]
     for command in listed:
         assert f"\n{command}\n" in readme
+
+
+def test_a_killed_run_records_where_it_stopped_and_the_rerun_continues(write_recipe, tmp_path):
+    recipe = write_recipe(
+        "model: fake-model\nstages:\n  a: {plugin: count}\n  b: {plugin: count, policy: a, sleep: 30}\n"
+    )
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "align.cli", "run", str(recipe), "--run-dir", str(run_dir)]
+    command += ["--plugins-dir", str(FAKE_PLUGIN.parent)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "sleeping").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["stages"]["a"]["status"] == "done"
+    assert summary["stages"]["b"] == {**summary["stages"]["b"], "status": "failed", "error": "interrupted"}
+    assert not (run_dir / "b").exists()
+
+    again = run_align(
+        "run", str(recipe), "--run-dir", str(run_dir), "--plugins-dir", str(FAKE_PLUGIN.parent), "stages.b.sleep=0"
+    )
+    assert again.returncode == 0, again.stderr
+    assert "[1/2] a: cached" in again.stderr and "[2/2] b: done" in again.stderr

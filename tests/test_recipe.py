@@ -40,6 +40,7 @@ def test_a_valid_recipe_resolves_defaults_and_inputs(write_recipe, fake_pm):
         "fail": None,
         "learning_rate": 1e-3,
         "mode": "plain",
+        "sleep": 0.0,
     }
 
 
@@ -165,6 +166,11 @@ def test_a_model_that_is_neither_source_folder_nor_hub_id_is_an_error(write_reci
 def test_model_settings_are_validated_by_their_source(write_recipe, fake_pm):
     text = BASIC.replace("model: fake-model", "model: {source: tiny-llama, hiden_size: 64}")
     assert "unknown key 'model.hiden_size' (did you mean 'hidden_size'?)" in error_of(write_recipe(text), fake_pm)
+
+
+def test_a_stage_that_is_not_a_mapping_is_an_error(write_recipe, fake_pm):
+    message = error_of(write_recipe("model: fake-model\nstages:\n  first: count\n"), fake_pm)
+    assert message == "'stages.first' must be a mapping of settings; got 'count'"
 
 
 def test_a_stage_cannot_be_named_base(write_recipe, fake_pm):

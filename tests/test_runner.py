@@ -189,6 +189,6 @@ def test_a_stage_returning_something_other_than_metrics_fails_clearly(write_reci
         def align_run_stage(self, context):
             return {"loss": "low"}
 
-    fake_pm.add_plugin(Broken(), "broken", origin=None)  # type: ignore[arg-type]
+    fake_pm.add_plugin(Broken(), "broken")
     summary = run(write_recipe(CHAIN), fake_pm)
     assert "returns a mapping of metric name → number" in summary.stages["first"].error

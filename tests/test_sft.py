@@ -52,7 +52,7 @@ def sft_run(tmp_path_factory):
     (folder / "sft.yaml").write_text(RECIPE)
     calls: list[str] = []
     pm = get_plugin_manager()
-    pm.add_plugin(recorder_plugin(calls), "recorder", origin=None)  # type: ignore[arg-type]
+    pm.add_plugin(recorder_plugin(calls), "recorder")
     for kind in REGISTRIES:
         pm.registry(kind)
     recipe = load_recipe(folder / "sft.yaml", [], pm)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class CountSettings:
     fail: str | None = setting(None, help="`align` raises an AlignError, `bug` a ValueError, after writing.")
     learning_rate: float = setting(1e-3, help="Unused; there to test float parsing.")
     mode: str = setting("plain", help="Unused; free text.")
+    sleep: float = setting(0.0, help="Seconds to wait before finishing, to be killed meanwhile.")
 
 
 class CountStage(Stage):
@@ -68,6 +70,9 @@ class CountStage(Stage):
             if name.startswith("tokenizer"):
                 (context.output_dir / name).write_text((source / name).read_text())
         (context.output_dir / "value.json").write_text(json.dumps({"value": value}))
+        if context.config.sleep:
+            (context.run_dir / "sleeping").write_text(context.name)
+            time.sleep(context.config.sleep)
         if context.config.fail == "align":
             raise AlignError("the fake stage was told to fail")
         if context.config.fail == "bug":
