@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe values (stages.sft.epochs=2)")
     run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<recipe name>)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
+    run.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)")
     run.set_defaults(command=cmd_run)
 
     config = commands.add_parser(
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe")
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     config.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    config.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)")
     config.set_defaults(command=cmd_config)
 
     plugins = commands.add_parser(
@@ -89,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plugins.set_defaults(command=cmd_plugins)
+
+    data = commands.add_parser("data", help="inspect datasets").add_subparsers(title="data commands", metavar="COMMAND")
+    preview = data.add_parser(
+        "preview", parents=[plugin_options], help="render rows as the model sees them, trained tokens marked",
+        description="Render rows of a dataset with a model's chat template, mark the tokens that carry loss, "
+        "and count rows, tokens, truncated and dropped rows (by reason) for the whole dataset.",
+    )
+    preview.add_argument("dataset", metavar="NAME|PATH", help="a registry entry or a data file")
+    preview.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json")
+    preview.add_argument("--format", help="the dataset format, when it cannot be detected")
+    preview.add_argument("--model", "-m", default="tiny-llama", help="whose tokenizer (default: tiny-llama)")
+    preview.add_argument("-n", type=int, default=3, help="rows to show (default: 3)")
+    preview.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
+    preview.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    preview.set_defaults(command=cmd_data_preview)
 
     explain = commands.add_parser(
         "explain",
@@ -106,12 +123,16 @@ def _plugin_manager(args: argparse.Namespace):  # -> AlignPluginManager, importe
     return get_plugin_manager(args.plugins, args.plugins_dir)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"dataset_dir={args.dataset_dir}"] if args.dataset_dir else [])]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from align.recipe import load_recipe
     from align.runner import run_recipe
 
     pm = _plugin_manager(args)
-    recipe = load_recipe(args.recipe, args.overrides, pm)
+    recipe = load_recipe(args.recipe, _overrides(args), pm)
     _log_to_terminal()
     signal.signal(signal.SIGTERM, _interrupt)  # a killed run records where it stopped, like Ctrl-C
     summary = run_recipe(recipe, pm, Path(args.run_dir) if args.run_dir else None, force=args.force)
@@ -126,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from align.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides, _plugin_manager(args))
+    recipe = load_recipe(args.recipe, _overrides(args), _plugin_manager(args))
     if args.json:
         print(json.dumps(recipe.to_plain(), indent=2))
     else:
@@ -151,6 +172,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from align.preview import preview
+    from align.runner import align_home
+
+    print(
+        preview(
+            _plugin_manager(args), args.dataset, model=args.model, dataset_dir=args.dataset_dir,
+            format_name=args.format, count=args.n, max_length=args.max_length, on_bad_row=args.on_bad_row,
+            cache_dir=align_home() / "models",
+        )
+    )
     return 0
 
 

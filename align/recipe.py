@@ -7,7 +7,7 @@
     defaults: {seed: 7}          # settings applied to every stage that has them
     stages:                      # run in this order
       sft:                       # the stage's name; its plugin defaults to the same name
-        data: datasets/demo_sft.jsonl
+        data: demo_sft           # a registry entry or a file
       dpo:
         policy: sft              # an input: another stage's output (or `base`)
         beta: 0.1
@@ -32,7 +32,7 @@ from align.plugin_manager import AlignPluginManager
 from align.schema import build, did_you_mean, reject_unknown_keys, setting, to_plain
 from align.stage import BASE, Stage
 
-TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir")
+TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir", "dataset_dir")
 
 
 @dataclass
@@ -79,6 +79,7 @@ class Recipe:
     stages: dict[str, StageSpec]  #: in run order
     defaults: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None
+    dataset_dir: str | None = None  #: a folder with a dataset_info.json, searched before align's own
     path: Path | None = None  #: the file it was read from
 
     def to_plain(self) -> dict[str, Any]:
@@ -89,6 +90,7 @@ class Recipe:
             "defaults": self.defaults,
             "stages": {name: spec.to_plain() for name, spec in self.stages.items()},
             **({"run_dir": self.run_dir} if self.run_dir else {}),
+            **({"dataset_dir": self.dataset_dir} if self.dataset_dir else {}),
         }
 
 
@@ -158,14 +160,17 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
     if not isinstance(stages_raw, Mapping) or not stages_raw:
         raise AlignError(
             "the recipe has no stages: `stages:` must map stage names to their settings",
-            hint="e.g.\nstages:\n  sft:\n    data: datasets/demo_sft.jsonl",
+            hint="e.g.\nstages:\n  sft:\n    data: demo_sft",
         )
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, Mapping):
         raise AlignError("'defaults' must be a mapping of settings shared by the stages")
-    run_dir = raw.get("run_dir")
-    if run_dir is not None and not isinstance(run_dir, str):
-        raise AlignError(f"'run_dir' must be a folder path; got {run_dir!r}")
+    for key in ("run_dir", "dataset_dir"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise AlignError(f"'{key}' must be a folder path; got {raw[key]!r}")
+    dataset_dir = raw.get("dataset_dir")
+    if dataset_dir is not None and not Path(dataset_dir).expanduser().is_dir():
+        raise AlignError(f"dataset_dir {dataset_dir}: no such folder")
 
     stages: dict[str, StageSpec] = {}
     for name, entry in stages_raw.items():
@@ -176,7 +181,8 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
         backend=build(Backend, raw.get("backend"), "backend"),
         stages=stages,
         defaults=dict(defaults),
-        run_dir=run_dir,
+        run_dir=raw.get("run_dir"),
+        dataset_dir=dataset_dir,
     )
 
 

@@ -254,7 +254,7 @@ class _Runner:
 
     def data_hashes(self, spec: StageSpec) -> dict[str, str]:
         hashes = {}
-        for path in spec.stage.data_files(spec.config):
+        for path in spec.stage.data_files(spec.config, self.recipe):
             path = Path(path)
             if not path.is_file():
                 raise AlignError(f"stages.{spec.name}: data file {path} does not exist")
@@ -285,7 +285,7 @@ class _Runner:
             output_dir=work_dir,
             run_dir=self.run_dir,
             recipe=self.recipe,
-            hook=self.pm.hook,
+            plugins=self.pm,
             logger=logger.getChild(spec.name),
         )
 

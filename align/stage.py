@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from align.artifacts import tokenizer_identity
 
 if TYPE_CHECKING:
+    from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
 
 #: The name an input uses for the recipe's base model instead of a stage's output.
@@ -97,7 +98,7 @@ class Stage:
     inputs: ClassVar[Mapping[str, Input]] = {}
     version: ClassVar[str] = "1"
 
-    def data_files(self, config: Any) -> Sequence[Path]:
+    def data_files(self, config: Any, recipe: Recipe) -> Sequence[Path]:
         """The files the stage will read, hashed into its fingerprint so that edited data reruns it."""
         return []
 
@@ -121,7 +122,7 @@ class StageContext:
     output_dir: Path  #: where the stage writes its artifact (a work folder, published on success)
     run_dir: Path
     recipe: Recipe
-    hook: Any  #: the plugin manager's hook relay, to call lifecycle hooks such as ``align_trainer_built``
+    plugins: AlignPluginManager  #: registries (``plugins.get("dataset format", name)``) and ``plugins.hook``
     logger: logging.Logger
 
     @property
@@ -134,7 +135,7 @@ class StageContext:
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        self.hook.align_metrics_logged(context=self, step=step, metrics=metrics)
+        self.plugins.hook.align_metrics_logged(context=self, step=step, metrics=metrics)
 
 
 @dataclass

@@ -20,21 +20,41 @@ from align.artifacts import fingerprint, hash_file
 from align.model_source import ModelSource
 from align.schema import setting
 
-# ChatML, with {% generation %} around assistant replies so that trainers can mask everything else
-# (transformers' return_assistant_tokens_mask, TRL's assistant_only_loss).
+# ChatML, with {% generation %} around assistant replies so that trainers that rely on it can mask the
+# rest, tool descriptions in the system turn and tool calls as <tool_call> blocks (as Qwen2.5 does).
 CHATML = (
+    "{%- if tools or messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- endif %}"
+    "{%- if tools %}"
+    "{%- if messages[0]['role'] == 'system' %}{{- '\\n\\n' }}{%- endif %}"
+    "{{- 'You may call these tools, one <tool_call> block each:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>' }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{{- message['content'] }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- elif message['role'] != 'system' or not loop.first %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Bump when the builder's output changes, so that cached tiny models are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 # Words for the tokenizer's training text: enough everyday English that demo data tokenizes into
 # words and sub-words rather than single bytes.

@@ -1,7 +1,10 @@
 """``sft``: supervised fine-tuning on conversations, with TRL's SFTTrainer.
 
-The loss covers assistant turns only (the chat template marks them with ``{% generation %}``). The
-stage writes a Hugging Face checkpoint with its tokenizer and chat template.
+align renders and masks the data itself (:mod:`align.prepare`): every assistant turn is trained on and
+nothing else, for any chat template; long conversations lose their oldest exchanges first; every
+skipped, truncated or dropped row is counted. TRL then trains on the token ids. The stage writes a
+Hugging Face checkpoint with its tokenizer and chat template, and reports the loss on each dataset's
+held-out rows separately.
 """
 
 from __future__ import annotations
@@ -11,56 +14,73 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from align import AlignError, hookimpl
+from align import hookimpl
+from align.data import DataSource, data_setting, on_bad_row_setting
+from align.prepare import data_files, prepare
+from align.render import padding_waste, read_chat_template
 from align.schema import setting
 from align.stage import Input, Stage, StageContext
 
 
 @dataclass
 class SFTSettings:
-    data: str = setting(
-        help="A JSON or JSON Lines file of conversations: one object per row with a `messages` list of "
-        "{role, content} turns (OpenAI style)."
+    data: str | list[str | DataSource] = data_setting()
+    on_bad_row: Literal["error", "skip"] = on_bad_row_setting()
+    chat_template: str | None = setting(
+        None, help="A Jinja chat template (a .jinja file or the template itself) for a tokenizer that has none "
+        "or one to replace; it is saved with the checkpoint, so later stages use it too."
     )
+    max_length: int = setting(1024, help="Tokens per conversation. Longer ones lose their oldest exchanges; "
+                              "one whose last exchange alone is longer is dropped (both are counted).")
+    packing: bool = setting(False, help="Pack several conversations into each sequence of max_length tokens "
+                            "(best-fit, without attention across conversations): less padding, faster epochs.")
     max_steps: int = setting(-1, help="Stop after this many optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = setting(1.0, help="Passes over the data when max_steps is -1.")
     learning_rate: float = setting(2e-5, help="Peak learning rate (TRL's SFT default). Raise it for tiny models.")
-    batch_size: int = setting(8, help="Conversations per device per optimizer step.")
+    batch_size: int = setting(8, help="Sequences per device per optimizer step.")
     gradient_accumulation_steps: int = setting(1, help="Batches summed before each optimizer step.")
-    max_length: int = setting(1024, help="Tokens per conversation; longer ones are truncated.")
     warmup_steps: float = setting(
         0.0, help="Steps spent warming the learning rate up from 0; a value below 1 is a fraction of all steps."
     )
+    eval_steps: int = setting(0, help="Evaluate on the held-out rows every this many steps (0: at the end only).")
     logging_steps: int = setting(5, help="Log the loss every this many steps.")
-    seed: int = setting(42, help="Seed of data order and initialisation.")
+    seed: int = setting(42, help="Seed of data order, held-out split and initialisation.")
 
 
 class SFTStage(Stage):
+    """Supervised fine-tuning on conversations (TRL SFTTrainer), loss on assistant turns only."""
+
     name = "sft"
     Config = SFTSettings
     inputs = {"policy": Input("the model to fine-tune", default=("base",))}
+    version = "2"
 
-    def data_files(self, config: SFTSettings) -> list[Path]:
-        return [Path(config.data)]
+    def data_files(self, config: SFTSettings, recipe: Any) -> list[Path]:
+        return data_files(config.data, recipe.dataset_dir)
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         import torch
+        from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
         from trl import SFTConfig, SFTTrainer
 
-        import datasets
-
-        datasets.disable_progress_bars()  # the trainer's own progress bar is the one worth watching
+        from align.render import Renderer
 
         config: SFTSettings = context.config
         policy = context.inputs["policy"].path
         tokenizer = AutoTokenizer.from_pretrained(policy)
-        if not tokenizer.chat_template:
-            raise AlignError(f"stage '{context.name}': the tokenizer of {policy} has no chat template")
-        model = AutoModelForCausalLM.from_pretrained(policy)
-        dataset = _load_conversations(Path(config.data))
+        renderer = Renderer(tokenizer, config.max_length, read_chat_template(config.chat_template))
+        prepared = prepare(
+            config.data, renderer, context.plugins, kind="sft", dataset_dir=context.recipe.dataset_dir,
+            on_bad_row=config.on_bad_row, seed=config.seed,
+        )
+        report = prepared.summary()
+        lengths = [len(ids) for ids in prepared.train["input_ids"]]
+        report["padding_waste"] = padding_waste(lengths, config.batch_size)
+        (context.run_dir / "logs" / f"{context.name}.data.json").write_text(json.dumps(report, indent=2))
+        held_out = {name: Dataset.from_dict(rows) for name, rows in prepared.held_out.items()}
 
         checkpoints = context.output_dir / "checkpoints"
         precision = context.recipe.backend.precision
@@ -70,12 +90,15 @@ class SFTStage(Stage):
             num_train_epochs=config.epochs,
             learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             max_length=config.max_length,
+            packing=config.packing,
             warmup_steps=config.warmup_steps,
             logging_steps=config.logging_steps,
+            eval_strategy="steps" if held_out and config.eval_steps else "no",
+            eval_steps=config.eval_steps or None,
             seed=config.seed,
-            assistant_only_loss=True,
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             use_cpu=not torch.cuda.is_available(),
@@ -83,7 +106,14 @@ class SFTStage(Stage):
             save_strategy="no",
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(policy)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict(prepared.train),
+            eval_dataset=held_out or None,
+            processing_class=tokenizer,
+        )
         losses: list[float] = []
 
         class _Metrics(TrainerCallback):
@@ -94,61 +124,19 @@ class SFTStage(Stage):
                 context.log_metrics(numbers, step=state.global_step)
 
         trainer.add_callback(_Metrics())
-        context.hook.align_trainer_built(context=context, trainer=trainer)
+        context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
         result = trainer.train()
-        trainer.save_model(str(context.output_dir))
-        tokenizer.save_pretrained(str(context.output_dir))
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is the model, not the optimizer state
         metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
         if losses:
             metrics.update(first_loss=losses[0], last_loss=losses[-1])
+        if held_out:
+            evaluated = trainer.evaluate()
+            metrics.update({k: float(v) for k, v in evaluated.items() if k.endswith("_loss")})
+        metrics["padding_waste"] = report["padding_waste"]
+        trainer.save_model(str(context.output_dir))
+        tokenizer.save_pretrained(str(context.output_dir))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the artifact is the model, not the optimizer state
         return metrics
-
-
-def _load_conversations(path: Path) -> Any:
-    """Read a conversations file into a ``datasets.Dataset``, with errors that name file and row."""
-    from datasets import Dataset
-
-    rows = _read_rows(path)
-    if not rows:
-        raise AlignError(f"{path}: the dataset is empty")
-    for index, row in enumerate(rows):
-        where = f"{path} row {index}"
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise AlignError(f"{where}: expected an object with a non-empty `messages` list")
-        for turn in messages:
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or "role" not in turn:
-                raise AlignError(f"{where}: every turn needs a `role` and a string `content`; got {turn!r}")
-        if not any(turn["role"] == "assistant" for turn in messages):
-            raise AlignError(f"{where}: the conversation has no assistant turn, so there is nothing to learn")
-    return Dataset.from_list([{"messages": row["messages"]} for row in rows])
-
-
-def _read_rows(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AlignError(f"{path}: no such file") from None
-    except UnicodeDecodeError as error:
-        raise AlignError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    where = f"{path} line {number}"
-                    raise AlignError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AlignError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if not isinstance(data, list):
-        raise AlignError(f"{path}: expected a JSON list of rows")
-    return data
 
 
 @hookimpl

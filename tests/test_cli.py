@@ -15,10 +15,10 @@ def modules_imported_by(*argv: str) -> set[str]:
     code = (
         "import sys\nfrom align.cli import main\n"
         f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass\n"
-        "print(' '.join(sorted(sys.modules)))"
+        "print('MODULES', ' '.join(sorted(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(result.stdout.split())
+    return set(result.stdout.rpartition("MODULES ")[2].split())  # after the command's own output
 
 
 def test_help_and_plugins_do_not_import_torch_or_transformers():

@@ -6,18 +6,17 @@ import inspect
 import json
 
 import pytest
-from conftest import REPO
 
 from align import hookimpl, hookspecs
 from align.plugin_manager import REGISTRIES, get_plugin_manager, hook_names
 from align.recipe import load_recipe
 from align.runner import run_recipe
 
-RECIPE = f"""
+RECIPE = """
 model: tiny-llama
 stages:
   sft:
-    data: {REPO / "datasets" / "demo_sft.jsonl"}
+    data: demo_sft
     max_steps: 30
     batch_size: 16
     learning_rate: 1.0e-3
@@ -109,37 +108,3 @@ def test_an_unchanged_sft_recipe_is_cached_the_second_time(sft_run):
     folder, _, _, pm = sft_run
     summary = run_recipe(load_recipe(folder / "sft.yaml", [], pm), pm, run_dir=folder / "run")
     assert summary.stages["sft"].status == "cached" and summary.stages["sft"].seconds < 2
-
-
-def test_a_malformed_conversation_file_names_file_and_row(tmp_path, write_recipe):
-    data = tmp_path / "bad.jsonl"
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    path = write_recipe(RECIPE.replace(str(REPO / "datasets" / "demo_sft.jsonl"), str(data)))
-    pm = get_plugin_manager()
-    summary = run_recipe(load_recipe(path, [], pm), pm, run_dir=tmp_path / "run")
-    assert summary.status == "failed"
-    assert summary.stages["sft"].error == (
-        f"{data} row 1: the conversation has no assistant turn, so there is nothing to learn"
-    )
-
-
-def test_invalid_json_lines_names_the_line(tmp_path, write_recipe):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"messages": []}\n{"messages": [\n')
-    path = write_recipe(RECIPE.replace(str(REPO / "datasets" / "demo_sft.jsonl"), str(data)))
-    pm = get_plugin_manager()
-    summary = run_recipe(load_recipe(path, [], pm), pm, run_dir=tmp_path / "run")
-    assert summary.stages["sft"].error.startswith(f"{data} line 2: invalid JSON")
-
-
-def test_the_real_malformed_alpaca_file_is_reported_with_its_position(tmp_path, write_recipe):
-    from conftest import EXTERNAL
-
-    bad = EXTERNAL / "malformed" / "mohtasham9_stanford_alpaca_alpaca_data_at_0c99edd.json"
-    if not bad.exists():
-        pytest.skip("../shared/external is not present")
-    path = write_recipe(RECIPE.replace(str(REPO / "datasets" / "demo_sft.jsonl"), str(bad)))
-    pm = get_plugin_manager()
-    summary = run_recipe(load_recipe(path, [], pm), pm, run_dir=tmp_path / "run")
-    assert summary.stages["sft"].error == f"{bad}: invalid JSON at line 5, column 19: Expecting value"

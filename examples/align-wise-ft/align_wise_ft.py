@@ -5,7 +5,7 @@ model and its starting point often keeps most of the gain while forgetting less.
 
     stages:
       sft:
-        data: datasets/demo_sft.jsonl
+        data: demo_sft
       wise:
         plugin: interpolate
         policy: sft        # the fine-tuned model

@@ -57,7 +57,7 @@ class CountStage(Stage):
     Config = CountSettings
     inputs = {"policy": Input("what to add to", default=("base",))}
 
-    def data_files(self, config: CountSettings) -> list[Path]:
+    def data_files(self, config: CountSettings, recipe: object) -> list[Path]:
         return [Path(config.data)] if config.data else []
 
     def run(self, context: StageContext) -> dict[str, float]:

@@ -1,0 +1,222 @@
+"""Rendering conversations into token ids and loss masks with the tokenizer's chat template.
+
+The loss covers every assistant turn and nothing else, for any chat template: a turn's span is found
+by rendering the conversation up to the turn (with the generation prompt) and up to its end, and the
+tokens whose text falls in a span are trained on. Rows are rendered as text and tokenized in batches by
+the fast tokenizer, which is what makes this quicker than tokenizing row by row.
+
+Conversations longer than ``max_length`` lose their oldest exchanges first; one whose last exchange
+alone is too long is dropped. Both are counted, by reason, in a :class:`RenderReport`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from align.conversation import Example
+from align.errors import AlignError
+
+IGNORE = -100  # the label of a token that carries no loss (transformers' convention)
+BATCH = 512
+
+
+@dataclass
+class RenderReport:
+    """What rendering did to a dataset's rows."""
+
+    name: str
+    rows: int = 0
+    kept: int = 0
+    tokens: int = 0  #: tokens of the kept rows
+    trained_tokens: int = 0  #: of which carry loss
+    history_truncated: int = 0  #: rows that lost their oldest exchanges to fit max_length
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        text = f"{self.name}: rendered {self.kept} of {self.rows} rows, {self.tokens} tokens ({self.trained_tokens} trained)"
+        if self.history_truncated:
+            text += f", {self.history_truncated} with history cut to fit"
+        if self.dropped:
+            text += ", dropped " + ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+        return text
+
+
+class Renderer:
+    """Turns :class:`Example` rows into ``input_ids`` and ``labels`` (SFT) or preference pairs."""
+
+    def __init__(self, tokenizer: Any, max_length: int, chat_template: str | None = None) -> None:
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        if not getattr(tokenizer, "chat_template", None):
+            raise AlignError(
+                "the tokenizer has no chat template",
+                hint="give the stage a `chat_template:` (a Jinja file or string), or use an instruct model",
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise AlignError("align needs a fast (Rust) tokenizer to find assistant turns; this one is slow")
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    # ------------------------------------------------------------------ text
+    def text(self, messages: Sequence[dict[str, Any]], tools: Any = None, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def text_and_spans(self, example: Example) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant turns."""
+        messages, tools = example.messages, example.tools
+        full = self.text(messages, tools)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self.text(messages[:index], tools, generation_prompt=True)
+            end = full if index == len(messages) - 1 else self.text(messages[: index + 1], tools)
+            if not (full.startswith(end) and end.startswith(start)):
+                raise AlignError(
+                    "the chat template renders a conversation's beginning differently from the whole "
+                    "conversation, so assistant turns cannot be located",
+                    hint="give the stage a `chat_template:` that renders earlier turns unchanged",
+                )
+            spans.append((len(start), self._end_of_reply(full, len(start), len(end))))
+        return full, spans
+
+    def _end_of_reply(self, text: str, start: int, end: int) -> int:
+        """Where a reply ends: just after its end-of-sequence token, leaving the template's separator."""
+        eos = self.tokenizer.eos_token
+        found = text.rfind(eos, start, end) if eos else -1
+        return found + len(eos) if found >= 0 else end
+
+    # ------------------------------------------------------------------ SFT
+    def sft(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
+        """``{"input_ids", "labels"}`` for each example that fits, and the report."""
+        report = RenderReport(name, rows=len(examples))
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        for begin in range(0, len(examples), BATCH):
+            batch = examples[begin : begin + BATCH]
+            rendered = [self.text_and_spans(e) for e in batch]
+            encoded = self.tokenizer(
+                [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+            )
+            for example, (_, spans), ids, offsets in zip(
+                batch, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+            ):
+                if len(ids) > self.max_length:
+                    fitted = self._fit(example, report)
+                    if fitted is None:
+                        continue
+                    ids, labels = fitted
+                else:
+                    labels = _labels(ids, offsets, spans)
+                self._keep(out, ids, labels, report)
+        return out, report
+
+    def _keep(self, out: dict[str, list[list[int]]], ids: list[int], labels: list[int], report: RenderReport) -> None:
+        trained = sum(1 for label in labels if label != IGNORE)
+        if trained == 0:
+            report.dropped["no_trained_tokens"] += 1
+            return
+        out["input_ids"].append(list(ids))
+        out["labels"].append(labels)
+        report.kept += 1
+        report.tokens += len(ids)
+        report.trained_tokens += trained
+
+    def _fit(self, example: Example, report: RenderReport) -> tuple[list[int], list[int]] | None:
+        """Cut the oldest exchanges until the conversation fits; None (and counted) if it never does."""
+        messages = list(example.messages)
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        dialogue = messages[len(system) :]
+        while True:
+            users = [i for i, m in enumerate(dialogue) if m["role"] == "user"]
+            if len(users) < 2:
+                report.dropped["too_long"] += 1
+                return None
+            dialogue = dialogue[users[1] :]
+            shorter = Example(system + dialogue, tools=example.tools)
+            text, spans = self.text_and_spans(shorter)
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if len(encoded["input_ids"]) <= self.max_length:
+                report.history_truncated += 1
+                return encoded["input_ids"], _labels(encoded["input_ids"], encoded["offset_mapping"], spans)
+
+    # ------------------------------------------------------------------ preference
+    def preference(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
+        """``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids`` (replies only) per pair."""
+        report = RenderReport(name, rows=len(examples))
+        out: dict[str, list[list[int]]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+        for example in examples:
+            pair = self._pair(example)
+            if pair is None:
+                report.dropped["too_long"] += 1
+                continue
+            prompt, chosen, rejected, truncated = pair
+            if not chosen or not rejected:
+                report.dropped["no_trained_tokens"] += 1
+                continue
+            report.history_truncated += truncated
+            out["prompt_input_ids"].append(prompt)
+            out["chosen_input_ids"].append(chosen)
+            out["rejected_input_ids"].append(rejected)
+            report.kept += 1
+            report.tokens += len(prompt) * 2 + len(chosen) + len(rejected)
+            report.trained_tokens += len(chosen) + len(rejected)
+        return out, report
+
+    def _pair(self, example: Example) -> tuple[list[int], list[int], list[int], bool] | None:
+        messages = list(example.messages)
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        dialogue = messages[len(system) :]
+        truncated = False
+        while True:
+            prompt_messages = system + dialogue
+            prompt_text = self.text(prompt_messages, example.tools, generation_prompt=True)
+            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            replies = []
+            for reply in (example.chosen, example.rejected):
+                full = self.text([*prompt_messages, reply], example.tools)
+                if not full.startswith(prompt_text):
+                    raise AlignError("the chat template renders a reply's prompt differently from the prompt alone")
+                end = self._end_of_reply(full, len(prompt_text), len(full))
+                replies.append(self.tokenizer(full[len(prompt_text) : end], add_special_tokens=False)["input_ids"])
+            if len(prompt_ids) + max(len(r) for r in replies) <= self.max_length:
+                return prompt_ids, replies[0], replies[1], truncated
+            users = [i for i, m in enumerate(dialogue) if m["role"] == "user"]
+            if len(users) < 2:
+                return None
+            dialogue, truncated = dialogue[users[1] :], True
+
+
+def _labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    keep = np.zeros(len(ids), dtype=bool)
+    for begin, end in spans:
+        keep |= (starts >= begin) & (starts < end)
+    return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+
+
+def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
+    """Share of a padded batch that is padding, batching ``lengths`` in order ``batch_size`` at a time."""
+    if not lengths:
+        return 0.0
+    padded = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+    return 1.0 - sum(lengths) / padded
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """A ``chat_template`` setting: the content of a ``.jinja`` file, or the template text itself."""
+    if value is None:
+        return None
+    if "{" not in value:  # every template has a tag; a value without one is a file
+        from pathlib import Path
+
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise AlignError(f"chat_template: {path}: no such file")
+        return path.read_text(encoding="utf-8")
+    return value
