@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe values (stages.sft.epochs=2)")
     run.add_argument("--run-dir", metavar="DIR", help="where outputs go (default: runs/<recipe name>)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
-    run.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)")
+    run.add_argument(
+        "--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)"
+    )
     run.set_defaults(command=cmd_run)
 
     config = commands.add_parser(
@@ -83,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe")
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     config.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    config.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)")
+    config.add_argument(
+        "--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)"
+    )
     config.set_defaults(command=cmd_config)
 
     plugins = commands.add_parser(
@@ -94,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="inspect datasets").add_subparsers(title="data commands", metavar="COMMAND")
     preview = data.add_parser(
-        "preview", parents=[plugin_options], help="render rows as the model sees them, trained tokens marked",
+        "preview",
+        parents=[plugin_options],
+        help="render rows as the model sees them, trained tokens marked",
         description="Render rows of a dataset with a model's chat template, mark the tokens that carry loss, "
         "and count rows, tokens, truncated and dropped rows (by reason) for the whole dataset.",
     )
@@ -181,8 +187,14 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
     print(
         preview(
-            _plugin_manager(args), args.dataset, model=args.model, dataset_dir=args.dataset_dir,
-            format_name=args.format, count=args.n, max_length=args.max_length, on_bad_row=args.on_bad_row,
+            _plugin_manager(args),
+            args.dataset,
+            model=args.model,
+            dataset_dir=args.dataset_dir,
+            format_name=args.format,
+            count=args.n,
+            max_length=args.max_length,
+            on_bad_row=args.on_bad_row,
             cache_dir=align_home() / "models",
         )
     )

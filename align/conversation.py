@@ -64,8 +64,14 @@ class Example:
             pair = (previous["role"], current["role"])
             # The rule of ShareGPT data (LLaMA-Factory's): user and tool turns alternate with assistant turns.
             # An assistant turn may announce a tool call in plain text, so a tool result needs no tool_calls.
-            if pair in (("user", "user"), ("user", "tool"), ("tool", "user"), ("tool", "tool"), ("assistant", "assistant")):
-                raise BadRow("turn_order", f"a {pair[1]} turn follows a {pair[0]} turn")
+            if pair in (
+                ("user", "user"),
+                ("user", "tool"),
+                ("tool", "user"),
+                ("tool", "tool"),
+                ("assistant", "assistant"),
+            ):
+                raise BadRow("turn_order", f"{_a(pair[1])} turn follows {_a(pair[0])} turn")
         if self.is_preference:
             if self.rejected is None:
                 raise BadRow("missing_column", "the row has a chosen reply but no rejected one")
@@ -82,6 +88,10 @@ class Example:
 
     def _replies(self) -> list[dict[str, Any]]:
         return [r for r in (self.chosen, self.rejected) if r is not None]
+
+
+def _a(role: str) -> str:
+    return "an assistant" if role == "assistant" else f"a {role}"
 
 
 def require_str(row: Mapping[str, Any], column: str, *, optional: bool = False) -> str:

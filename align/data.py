@@ -36,8 +36,20 @@ BUILTIN_DIR = next(
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Keys of a LLaMA-Factory entry, so that an existing dataset_info.json loads unchanged.
 ENTRY_KEYS = (
-    "file_name", "formatting", "ranking", "columns", "tags", "split", "num_samples", "subset", "folder",
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name",
+    "file_name",
+    "formatting",
+    "ranking",
+    "columns",
+    "tags",
+    "split",
+    "num_samples",
+    "subset",
+    "folder",
+    "hf_hub_url",
+    "ms_hub_url",
+    "om_hub_url",
+    "script_url",
+    "cloud_file_name",
 )
 MULTIMODAL_COLUMNS = ("images", "videos", "audios")
 
@@ -47,12 +59,21 @@ class DataSource:
     """One dataset of a stage's mixture."""
 
     dataset: str = setting(help="A registry entry's name, or the path of a json, jsonl, parquet or csv file.")
-    format: str | None = setting(None, help="The dataset format (alpaca, sharegpt, messages, hh); "
-                                 "default: the entry's `formatting`, or detected from the file's first row.")
-    weight: float = setting(1.0, help="How often each row is used per epoch: 2 repeats every row, 0.5 keeps a "
-                            "random half. Sets the mixture's proportions.")
-    eval_size: float = setting(0.0, help="Rows held out for evaluation: a fraction below 1, or a count. Each "
-                               "dataset's held-out loss is reported on its own.")
+    format: str | None = setting(
+        None,
+        help="The dataset format (alpaca, sharegpt, messages, hh); "
+        "default: the entry's `formatting`, or detected from the file's first row.",
+    )
+    weight: float = setting(
+        1.0,
+        help="How often each row is used per epoch: 2 repeats every row, 0.5 keeps a "
+        "random half. Sets the mixture's proportions.",
+    )
+    eval_size: float = setting(
+        0.0,
+        help="Rows held out for evaluation: a fraction below 1, or a count. Each "
+        "dataset's held-out loss is reported on its own.",
+    )
     num_samples: int | None = setting(None, help="Use only the first this many rows (overrides the entry's).")
 
     def __post_init__(self) -> None:
@@ -64,13 +85,18 @@ class DataSource:
 
 def data_setting() -> Any:
     """The ``data`` setting every data-reading stage declares."""
-    return setting(help="What to train on: a registry name or file, or a list of them with weights "
-                   "(`[{dataset: NAME, weight: 2, eval_size: 0.05}, ...]`).")
+    return setting(
+        help="What to train on: a registry name or file, or a list of them with weights "
+        "(`[{dataset: NAME, weight: 2, eval_size: 0.05}, ...]`)."
+    )
 
 
 def on_bad_row_setting() -> Any:
-    return setting("error", help="What a row that cannot be read does: `error` stops with its file and row; "
-                   "`skip` leaves it out and reports how many were skipped, by reason.")
+    return setting(
+        "error",
+        help="What a row that cannot be read does: `error` stops with its file and row; "
+        "`skip` leaves it out and reports how many were skipped, by reason.",
+    )
 
 
 def sources(data: str | Sequence[str | DataSource]) -> list[DataSource]:
@@ -232,12 +258,16 @@ def _read_json_by_hand(path: Path, cause: Exception) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise AlignError(f"{path} line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+                    raise AlignError(
+                        f"{path} line {number}: invalid JSON: {error.msg} (column {error.colno})"
+                    ) from None
     else:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
-            raise AlignError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+            raise AlignError(
+                f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+            ) from None
     if not isinstance(rows, list):
         raise AlignError(f"{path}: expected a list of rows (a JSON array, or one object per line)")
     for index, row in enumerate(rows):

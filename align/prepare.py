@@ -38,8 +38,12 @@ class Prepared:
             ],
             "rendered": [
                 {
-                    "dataset": r.name, "rows": r.rows, "kept": r.kept, "tokens": r.tokens,
-                    "trained_tokens": r.trained_tokens, "history_truncated": r.history_truncated,
+                    "dataset": r.name,
+                    "rows": r.rows,
+                    "kept": r.kept,
+                    "tokens": r.tokens,
+                    "trained_tokens": r.trained_tokens,
+                    "history_truncated": r.history_truncated,
                     "dropped": dict(r.dropped),
                 }
                 for r in self.rendered

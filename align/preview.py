@@ -56,7 +56,9 @@ def preview(
 
 
 def _marked(tokenizer: Any, ids: list[int], labels: list[int], mark: tuple[str, str]) -> str:
-    pieces, run, trained = [], [], False
+    pieces: list[str] = []
+    run: list[int] = []
+    trained = False
     for token, label in zip(ids, labels, strict=True):
         if (label != IGNORE) != trained and run:
             text = tokenizer.decode(run)

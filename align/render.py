@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from align.conversation import Example
 from align.errors import AlignError
 
@@ -38,7 +36,8 @@ class RenderReport:
     dropped: Counter[str] = field(default_factory=Counter)
 
     def describe(self) -> str:
-        text = f"{self.name}: rendered {self.kept} of {self.rows} rows, {self.tokens} tokens ({self.trained_tokens} trained)"
+        text = f"{self.name}: rendered {self.kept} of {self.rows} rows"
+        text += f", {self.tokens} tokens ({self.trained_tokens} trained)"
         if self.history_truncated:
             text += f", {self.history_truncated} with history cut to fit"
         if self.dropped:
@@ -179,6 +178,7 @@ class Renderer:
             prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
             replies = []
             for reply in (example.chosen, example.rejected):
+                assert reply is not None  # a preference example has both replies (Example.validate)
                 full = self.text([*prompt_messages, reply], example.tools)
                 if not full.startswith(prompt_text):
                     raise AlignError("the chat template renders a reply's prompt differently from the prompt alone")
@@ -193,6 +193,8 @@ class Renderer:
 
 
 def _labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    import numpy as np  # here, not at the top: plugins import this module and `align plugins` must start fast
+
     starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
     keep = np.zeros(len(ids), dtype=bool)
     for begin, end in spans:
@@ -204,7 +206,9 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
     """Share of a padded batch that is padding, batching ``lengths`` in order ``batch_size`` at a time."""
     if not lengths:
         return 0.0
-    padded = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+    padded = sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
     return 1.0 - sum(lengths) / padded
 
 

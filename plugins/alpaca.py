@@ -17,11 +17,16 @@ from align.dataformat import DatasetFormat
 
 class Alpaca(DatasetFormat):
     name = "alpaca"
-    columns = {"prompt": "instruction", "query": "input", "response": "output", "chosen": "chosen",
-               "rejected": "rejected"}
+    columns = {
+        "prompt": "instruction",
+        "query": "input",
+        "response": "output",
+        "chosen": "chosen",
+        "rejected": "rejected",
+    }
 
     def detect(self, row: Mapping[str, Any]) -> bool:
-        return "instruction" in row and ("output" in row or "chosen" in row)
+        return "instruction" in row
 
     def convert(
         self, row: Mapping[str, Any], columns: Mapping[str, str], tags: Mapping[str, str], ranking: bool

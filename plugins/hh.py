@@ -42,7 +42,10 @@ def parse_transcript(text: str, column: str) -> list[dict[str, Any]]:
     parts = _MARKER.split(text)
     if parts[0].strip():
         raise BadRow("wrong_type", f"the column '{column}' does not start with '\\n\\nHuman:'")
-    return [{"role": _ROLES[speaker], "content": said.strip()} for speaker, said in zip(parts[1::2], parts[2::2], strict=True)]
+    return [
+        {"role": _ROLES[speaker], "content": said.strip()}
+        for speaker, said in zip(parts[1::2], parts[2::2], strict=True)
+    ]
 
 
 @hookimpl

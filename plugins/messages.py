@@ -20,7 +20,7 @@ class Messages(DatasetFormat):
     columns = {"messages": "messages", "prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
     def detect(self, row: Mapping[str, Any]) -> bool:
-        if isinstance(row.get("messages"), list):
+        if "messages" in row:
             return True
         return isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
 

@@ -42,7 +42,7 @@ class ShareGPT(DatasetFormat):
     }
 
     def detect(self, row: Mapping[str, Any]) -> bool:
-        return isinstance(row.get("conversations"), list)
+        return "conversations" in row
 
     def convert(
         self, row: Mapping[str, Any], columns: Mapping[str, str], tags: Mapping[str, str], ranking: bool
@@ -100,7 +100,7 @@ def _tool_calls(text: str, index: int | str) -> list[dict[str, Any]]:
         raise BadRow("wrong_type", f"turn {index} (function_call) is not JSON") from None
     calls = calls if isinstance(calls, list) else [calls]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
-        raise BadRow("wrong_type", f"turn {index} (function_call) must be {{\"name\": ..., \"arguments\": ...}}")
+        raise BadRow("wrong_type", f'turn {index} (function_call) must be {{"name": ..., "arguments": ...}}')
     return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
 
 

@@ -92,32 +92,46 @@ def main() -> None:
     out = Path("datasets")
 
     # SFT, alpaca: half positive, half negative reviews.
-    write(out / "demo_sft.json", [
-        {"instruction": prompt, "input": "", "output": review(rng, kind, subject, positive=i % 2 == 0)}
-        for i, (kind, subject, prompt) in enumerate(conversations(rng, 256))
-    ])
+    write(
+        out / "demo_sft.json",
+        [
+            {"instruction": prompt, "input": "", "output": review(rng, kind, subject, positive=i % 2 == 0)}
+            for i, (kind, subject, prompt) in enumerate(conversations(rng, 256))
+        ],
+    )
 
     # SFT, sharegpt: two reviews per conversation, so every assistant turn is trained on.
     rows = []
     for i in range(128):
         turns = []
         for j, (kind, subject, prompt) in enumerate(conversations(rng, 2)):
-            turns += [{"from": "human", "value": prompt},
-                      {"from": "gpt", "value": review(rng, kind, subject, positive=(i + j) % 2 == 0)}]
+            turns += [
+                {"from": "human", "value": prompt},
+                {"from": "gpt", "value": review(rng, kind, subject, positive=(i + j) % 2 == 0)},
+            ]
         rows.append({"conversations": turns, "system": SYSTEM})
     write(out / "demo_sft_sharegpt.json", rows)
 
     # Preference: the positive review is chosen over a negative one for the same prompt.
-    pairs = [(kind, subject, prompt, review(rng, kind, subject, True), review(rng, kind, subject, False))
-             for kind, subject, prompt in conversations(rng, 256)]
-    write(out / "demo_pref.json", [
-        {"instruction": prompt, "input": "", "chosen": good, "rejected": bad} for _, _, prompt, good, bad in pairs
-    ])
-    write(out / "demo_pref_sharegpt.json", [
-        {"conversations": [{"from": "human", "value": prompt}], "chosen": {"from": "gpt", "value": good},
-         "rejected": {"from": "gpt", "value": bad}}
-        for _, _, prompt, good, bad in pairs
-    ])
+    pairs = [
+        (kind, subject, prompt, review(rng, kind, subject, True), review(rng, kind, subject, False))
+        for kind, subject, prompt in conversations(rng, 256)
+    ]
+    write(
+        out / "demo_pref.json",
+        [{"instruction": prompt, "input": "", "chosen": good, "rejected": bad} for _, _, prompt, good, bad in pairs],
+    )
+    write(
+        out / "demo_pref_sharegpt.json",
+        [
+            {
+                "conversations": [{"from": "human", "value": prompt}],
+                "chosen": {"from": "gpt", "value": good},
+                "rejected": {"from": "gpt", "value": bad},
+            }
+            for _, _, prompt, good, bad in pairs
+        ],
+    )
 
 
 if __name__ == "__main__":

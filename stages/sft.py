@@ -29,13 +29,20 @@ class SFTSettings:
     data: str | list[str | DataSource] = data_setting()
     on_bad_row: Literal["error", "skip"] = on_bad_row_setting()
     chat_template: str | None = setting(
-        None, help="A Jinja chat template (a .jinja file or the template itself) for a tokenizer that has none "
-        "or one to replace; it is saved with the checkpoint, so later stages use it too."
+        None,
+        help="A Jinja chat template (a .jinja file or the template itself) for a tokenizer that has none "
+        "or one to replace; it is saved with the checkpoint, so later stages use it too.",
     )
-    max_length: int = setting(1024, help="Tokens per conversation. Longer ones lose their oldest exchanges; "
-                              "one whose last exchange alone is longer is dropped (both are counted).")
-    packing: bool = setting(False, help="Pack several conversations into each sequence of max_length tokens "
-                            "(best-fit, without attention across conversations): less padding, faster epochs.")
+    max_length: int = setting(
+        1024,
+        help="Tokens per conversation. Longer ones lose their oldest exchanges; "
+        "one whose last exchange alone is longer is dropped (both are counted).",
+    )
+    packing: bool = setting(
+        False,
+        help="Pack several conversations into each sequence of max_length tokens "
+        "(best-fit, without attention across conversations): less padding, faster epochs.",
+    )
     max_steps: int = setting(-1, help="Stop after this many optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = setting(1.0, help="Passes over the data when max_steps is -1.")
     learning_rate: float = setting(2e-5, help="Peak learning rate (TRL's SFT default). Raise it for tiny models.")
@@ -73,8 +80,13 @@ class SFTStage(Stage):
         tokenizer = AutoTokenizer.from_pretrained(policy)
         renderer = Renderer(tokenizer, config.max_length, read_chat_template(config.chat_template))
         prepared = prepare(
-            config.data, renderer, context.plugins, kind="sft", dataset_dir=context.recipe.dataset_dir,
-            on_bad_row=config.on_bad_row, seed=config.seed,
+            config.data,
+            renderer,
+            context.plugins,
+            kind="sft",
+            dataset_dir=context.recipe.dataset_dir,
+            on_bad_row=config.on_bad_row,
+            seed=config.seed,
         )
         report = prepared.summary()
         lengths = [len(ids) for ids in prepared.train["input_ids"]]

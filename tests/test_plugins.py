@@ -7,10 +7,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_PLUGIN, run_align
 
 from align import AlignError
 from align.plugin_manager import get_plugin_manager
+from conftest import FAKE_PLUGIN, run_align
 
 STAGE_PLUGIN = """
 from dataclasses import dataclass

@@ -108,3 +108,98 @@ def test_an_unchanged_sft_recipe_is_cached_the_second_time(sft_run):
     folder, _, _, pm = sft_run
     summary = run_recipe(load_recipe(folder / "sft.yaml", [], pm), pm, run_dir=folder / "run")
     assert summary.stages["sft"].status == "cached" and summary.stages["sft"].seconds < 2
+
+
+def run_sft(tmp_path, recipe: str, overrides=()):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    pm = get_plugin_manager()
+    return run_recipe(load_recipe(path, list(overrides), pm), pm, run_dir=tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_each_datasets_held_out_loss_is_reported_on_its_own(tmp_path):
+    recipe = RECIPE.replace(
+        "    data: demo_sft\n",
+        "    data:\n      - {dataset: demo_sft, eval_size: 16}\n      - {dataset: demo_sft_sharegpt, eval_size: 8}\n",
+    )
+    summary = run_sft(tmp_path, recipe, ["stages.sft.max_steps=10", "stages.sft.eval_steps=5"])
+    assert summary.status == "done", summary.error
+    metrics = summary.stages["sft"].metrics
+    assert {"eval_demo_sft_loss", "eval_demo_sft_sharegpt_loss"} <= set(metrics)
+    assert metrics["eval_demo_sft_loss"] != metrics["eval_demo_sft_sharegpt_loss"]
+    logged = (tmp_path / "run" / "logs" / "sft.metrics.jsonl").read_text()
+    assert logged.count("eval_demo_sft_loss") >= 2  # at step 5 and at step 10 (plus the final evaluation)
+    report = json.loads((tmp_path / "run" / "logs" / "sft.data.json").read_text())
+    assert report["train_rows"] == (256 - 16) + (128 - 8)
+
+
+@pytest.mark.slow
+def test_packing_trains_and_the_loss_falls(tmp_path):
+    summary = run_sft(
+        tmp_path, RECIPE, ["stages.sft.packing=true", "stages.sft.max_length=256", "stages.sft.batch_size=4"]
+    )
+    assert summary.status == "done", summary.error
+    metrics = summary.stages["sft"].metrics
+    assert metrics["last_loss"] < 0.8 * metrics["first_loss"]
+    assert 0 < metrics["padding_waste"] < 1  # what padding would have cost without packing
+
+
+@pytest.mark.slow
+def test_a_llama_factory_folder_is_used_unchanged_as_dataset_dir(tmp_path):
+    from conftest import EXTERNAL, run_align
+
+    folder = EXTERNAL / "llama-factory" / "data"
+    if not folder.is_dir():
+        pytest.skip("../shared/external is not present")
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("data: demo_sft", "data: identity"))
+    result = run_align(
+        "run",
+        str(tmp_path / "r.yaml"),
+        "--dataset-dir",
+        str(folder),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "stages.sft.max_steps=2",
+        "stages.sft.max_length=256",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "identity: read 91 rows, converted 91" in result.stderr
+    manifest = json.loads((tmp_path / "run" / "sft" / "align-manifest.json").read_text())
+    assert list(manifest["data_files"]) == [str(folder / "identity.json")]
+
+
+def test_bad_rows_skipped_in_a_run_are_reported(tmp_path):
+    data = tmp_path / "rows.json"
+    good = {"instruction": "Review it", "output": "Great film"}
+    data.write_text(json.dumps([good] * 8 + [{"instruction": "no answer"}, {"instruction": "x", "output": ""}]))
+    summary = run_sft(
+        tmp_path,
+        RECIPE.replace("data: demo_sft", f"data: {data}"),
+        ["stages.sft.on_bad_row=skip", "stages.sft.max_steps=1"],
+    )
+    assert summary.status == "done", summary.error
+    report = json.loads((tmp_path / "run" / "logs" / "sft.data.json").read_text())
+    assert report["loaded"] == [
+        {"dataset": "rows", "rows": 10, "kept": 8, "skipped": {"missing_column": 1, "empty_turn": 1}}
+    ]
+    assert (
+        "rows: read 10 rows, converted 8 (skipped 2: 1 missing_column, 1 empty_turn)"
+        in (tmp_path / "run" / "logs" / "run.log").read_text()
+    )
+
+
+def test_a_bad_row_fails_the_stage_before_training_naming_file_and_row(tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
+    summary = run_sft(tmp_path, RECIPE.replace("data: demo_sft", f"data: {data}"))
+    assert summary.status == "failed"
+    assert summary.stages["sft"].error.startswith(f"{data} row 1: the column 'output' is missing")
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_an_unknown_dataset_fails_the_stage_with_a_suggestion(tmp_path):
+    summary = run_sft(tmp_path, RECIPE.replace("data: demo_sft", "data: demo_sfft"))
+    assert (
+        "'demo_sfft' is neither a registry entry nor a file (did you mean 'demo_sft'?)" in summary.stages["sft"].error
+    )

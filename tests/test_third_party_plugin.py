@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_align
 
 from align.runner import align_home
+from conftest import REPO, run_align
 
 PACKAGE = REPO / "examples" / "align-wise-ft"
 
