@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "command"):
         parser.print_help()
         return EXIT_USAGE
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command again, distributed
     try:
         return args.command(args)
     except AlignError as error:
@@ -113,12 +114,23 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
     preview.set_defaults(command=cmd_data_preview)
 
+    export = commands.add_parser(
+        "export",
+        help="write a stage's output as a standalone checkpoint",
+        description="Copy a stage's output out of its run. With --merge, an adapter (lora, dora, qlora) is merged "
+        "into the model it adapts, and a full checkpoint that transformers and vLLM load is written.",
+    )
+    export.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a published stage output, e.g. runs/chain/sft")
+    export.add_argument("out", metavar="OUT", help="a new (or empty) folder")
+    export.add_argument("--merge", action="store_true", help="merge an adapter into its base model")
+    export.set_defaults(command=cmd_export)
+
     explain = commands.add_parser(
         "explain",
         parents=[plugin_options],
-        help="show the settings of a stage or model source",
+        help="show the settings of a stage, model source or PEFT method",
     )
-    explain.add_argument("name", help="a stage plugin or model source, e.g. sft or tiny-llama")
+    explain.add_argument("name", help="a stage plugin, model source or PEFT method, e.g. sft, tiny-llama, lora")
     explain.set_defaults(command=cmd_explain)
     return parser
 
@@ -134,19 +146,25 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from align.backend import is_main_process, launch, must_launch
     from align.recipe import load_recipe
     from align.runner import run_recipe
 
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, _overrides(args), pm)
-    _log_to_terminal()
+    if must_launch(recipe.backend):
+        print(f"launching {recipe.backend.world_size} processes ({recipe.backend.kind})", file=sys.stderr)
+        return launch(recipe.backend, args.argv)
+    if is_main_process():
+        _log_to_terminal()
     signal.signal(signal.SIGTERM, _interrupt)  # a killed run records where it stopped, like Ctrl-C
     summary = run_recipe(recipe, pm, Path(args.run_dir) if args.run_dir else None, force=args.force)
     if summary.status != "done":
         print(f"error: {summary.error}", file=sys.stderr)
         print(f"  see {summary.run_dir}/logs/run.log; rerunning continues from the failed stage", file=sys.stderr)
         return EXIT_FAILED
-    print(f"done: {summary.run_dir}/summary.json")
+    if is_main_process():
+        print(f"done: {summary.run_dir}/summary.json")
     return 0
 
 
@@ -201,17 +219,25 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from align.models import export
+
+    written = export(Path(args.stage_dir), Path(args.out), merge=args.merge)
+    print(f"wrote {written} to {args.out}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from align.schema import describe, did_you_mean
 
     pm = _plugin_manager(args)
-    for kind in ("stage", "model source"):
+    for kind in ("stage", "model source", "peft method"):
         if args.name in pm.registry(kind):
             obj = pm.registry(kind)[args.name].obj
             break
     else:
-        known = [*pm.registry("stage"), *pm.registry("model source")]
-        raise AlignError(f"no stage or model source named '{args.name}'{did_you_mean(args.name, known)}")
+        known = [*pm.registry("stage"), *pm.registry("model source"), *pm.registry("peft method")]
+        raise AlignError(f"no stage, model source or PEFT method named '{args.name}'{did_you_mean(args.name, known)}")
     print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
     print((obj.__doc__ or type(obj).__doc__ or "").strip())
     for role, spec in getattr(obj, "inputs", {}).items():

@@ -68,8 +68,12 @@ def prepare(
     dataset_dir: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
     seed: int = 0,
+    default_eval_size: float = 0.0,
 ) -> Prepared:
-    """Load, split, render and weight every dataset of ``data``."""
+    """Load, split, render and weight every dataset of ``data``.
+
+    :param default_eval_size: rows to hold out of each dataset that does not set its own ``eval_size``.
+    """
     from align.data import dataset_dirs
 
     formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
@@ -85,7 +89,7 @@ def prepare(
                 f"but this stage trains on {wanted}",
                 hint="for an alpaca or sharegpt file, `ranking: true` in its registry entry marks a preference set",
             )
-        train, held = split_held_out(examples, source.eval_size, seed + index)
+        train, held = split_held_out(examples, source.eval_size or default_eval_size, seed + index)
         render = renderer.sft if kind == "sft" else renderer.preference
         rows, report = render(train, entry.name)
         prepared.loaded.append(loaded)

@@ -46,9 +46,9 @@ def preview(
         if kind == "sft":
             lines.append(_marked(tokenizer, rows["input_ids"][index], rows["labels"][index], mark))
         else:
-            prompt = rows["prompt_input_ids"][index]
+            prompt = rows["prompt_ids"][index]
             for side in ("chosen", "rejected"):
-                reply = rows[f"{side}_input_ids"][index]
+                reply = rows[f"{side}_ids"][index]
                 lines.append(f"[{side}]")
                 lines.append(_marked(tokenizer, prompt + reply, [IGNORE] * len(prompt) + reply, mark))
     lines += ["", loaded.describe(), rendered.describe()]

@@ -23,26 +23,18 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from align.backend import Backend, check_hardware
 from align.errors import AlignError
+from align.peft_method import PeftChoice
 from align.plugin_manager import AlignPluginManager
-from align.schema import build, did_you_mean, reject_unknown_keys, setting, to_plain
+from align.schema import build, did_you_mean, reject_unknown_keys, to_plain
 from align.stage import BASE, Stage
 
 TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir", "dataset_dir")
-
-
-@dataclass
-class Backend:
-    """How stages run. Every stage of a recipe shares it."""
-
-    kind: Literal["single"] = setting("single", help="`single`: one process on this machine.")
-    precision: Literal["fp32", "bf16", "fp16"] = setting(
-        "fp32", help="Training precision. bf16 halves memory on hardware that supports it; fp16 needs a GPU."
-    )
 
 
 @dataclass
@@ -65,9 +57,14 @@ class StageSpec:
     stage: Stage
     inputs: dict[str, str]  #: role → ``base`` or the name of an earlier stage
     config: Any  #: an instance of ``stage.Config``
+    peft: PeftChoice | None = None  #: the validated ``peft`` setting, for stages that have one
+    passthrough: dict[str, Any] = field(default_factory=dict)  #: trainer options align does not name
 
     def to_plain(self) -> dict[str, Any]:
-        return {"plugin": self.plugin, **self.inputs, **to_plain(self.config)}
+        settings = to_plain(self.config)
+        if self.peft is not None:
+            settings["peft"] = self.peft.to_plain()
+        return {"plugin": self.plugin, **self.inputs, **settings, **self.passthrough}
 
 
 @dataclass
@@ -176,9 +173,11 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
     for name, entry in stages_raw.items():
         stages[name] = _validate_stage(str(name), entry, defaults, stages_raw, stages, pm)
     _reject_unused_defaults(defaults, stages.values())
+    backend = build(Backend, raw.get("backend"), "backend")
+    check_hardware(backend)
     return Recipe(
         model=_validate_model(raw["model"], pm),
-        backend=build(Backend, raw.get("backend"), "backend"),
+        backend=backend,
         stages=stages,
         defaults=dict(defaults),
         run_dir=raw.get("run_dir"),
@@ -239,10 +238,40 @@ def _validate_stage(
             settings[key] = {**settings[key], **value}
         else:
             settings[key] = value
-    unknown = [k for k in settings if k not in config_fields]
-    if unknown:
-        reject_unknown_keys(settings, ["plugin", *stage.inputs, *config_fields], path)
-    return StageSpec(name, plugin_name, stage, inputs, build(stage.Config, settings, path))
+    passthrough = _passthrough(stage, {k: settings.pop(k) for k in list(settings) if k not in config_fields}, path)
+    config: Any = build(stage.Config, settings, path)
+    peft = _validate_peft(config.peft, f"{path}.peft", pm) if "peft" in config_fields else None
+    return StageSpec(name, plugin_name, stage, inputs, config, peft, passthrough)
+
+
+def _passthrough(stage: Stage, unknown: dict[str, Any], path: str) -> dict[str, Any]:
+    """Settings the stage does not declare: its trainer's own options if it passes them through, else errors."""
+    if not unknown:
+        return {}
+    known = ["plugin", *stage.inputs, *(f.name for f in dataclasses.fields(stage.Config))]
+    if stage.passthrough is None:
+        reject_unknown_keys(unknown, known, path)
+    import importlib
+
+    module, _, name = stage.passthrough.partition(":")  # type: ignore[union-attr]
+    trainer_fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    for key in unknown:
+        if key not in trainer_fields:
+            raise AlignError(
+                f"unknown key '{path}.{key}'{did_you_mean(key, known + trainer_fields)}",
+                hint=f"this stage takes its own settings (`align explain {stage.name}`) and those of {name}",
+            )
+    return unknown
+
+
+def _validate_peft(value: Any, path: str, pm: AlignPluginManager) -> PeftChoice:
+    if not isinstance(value, Mapping) or not isinstance(value.get("method"), str):
+        raise AlignError(f"'{path}' must be a mapping with `method:` (full, freeze, lora, dora, qlora, …)")
+    settings = dict(value)
+    method = pm.get("peft method", settings.pop("method"))
+    config = build(method.Config, settings, path)
+    method.check(config)
+    return PeftChoice(method, config)
 
 
 def _resolve_input(

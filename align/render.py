@@ -146,9 +146,9 @@ class Renderer:
 
     # ------------------------------------------------------------------ preference
     def preference(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
-        """``prompt_input_ids``, ``chosen_input_ids`` and ``rejected_input_ids`` (replies only) per pair."""
+        """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (replies only) per pair."""
         report = RenderReport(name, rows=len(examples))
-        out: dict[str, list[list[int]]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+        out: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
         for example in examples:
             pair = self._pair(example)
             if pair is None:
@@ -159,9 +159,9 @@ class Renderer:
                 report.dropped["no_trained_tokens"] += 1
                 continue
             report.history_truncated += truncated
-            out["prompt_input_ids"].append(prompt)
-            out["chosen_input_ids"].append(chosen)
-            out["rejected_input_ids"].append(rejected)
+            out["prompt_ids"].append(prompt)
+            out["chosen_ids"].append(chosen)
+            out["rejected_ids"].append(rejected)
             report.kept += 1
             report.tokens += len(prompt) * 2 + len(chosen) + len(rejected)
             report.trained_tokens += len(chosen) + len(rejected)

@@ -39,6 +39,7 @@ from align.artifacts import (
     tokenizer_identity,
     write_json,
 )
+from align.backend import is_main_process, wait_for_everyone
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
 from align.recipe import Recipe, StageSpec
@@ -67,8 +68,9 @@ class RunSummary:
     stages: dict[str, StageOutcome] = field(default_factory=dict)
 
     def write(self) -> None:
-        self.seconds = round(time.time() - self.started, 3)
-        write_json(Path(self.run_dir) / "summary.json", asdict(self))
+        if is_main_process():  # with several processes, rank 0 keeps the books
+            self.seconds = round(time.time() - self.started, 3)
+            write_json(Path(self.run_dir) / "summary.json", asdict(self))
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -98,7 +100,8 @@ def run_recipe(
             )
     run_dir = Path(run_dir or default_run_dir(recipe))
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
+    if is_main_process():
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
     summary = RunSummary(str(run_dir), str(recipe.path) if recipe.path else None)
     summary.stages = {name: StageOutcome("pending") for name in recipe.stages}
     with _run_log(run_dir / "logs" / "run.log"):
@@ -205,6 +208,10 @@ class _Runner:
         started = time.perf_counter()
         metrics = self.pm.hook.align_run_stage(context=context)
         metrics = _check_metrics(context.name, metrics)
+        wait_for_everyone()  # every process has finished writing the output before rank 0 publishes it
+        if not is_main_process():
+            wait_for_everyone()
+            return read_manifest(final_dir) or {}
         context.log_metrics(metrics)
         spec = self.recipe.stages[context.name]
         manifest = {
@@ -214,7 +221,7 @@ class _Runner:
             "plugin_version": spec.stage.version,
             "fingerprint": fp,
             "artifact_id": fingerprint([fp, time.time_ns()]),
-            "settings": to_plain(spec.config),
+            "settings": spec.to_plain(),
             "inputs": {role: {"producer": a.producer, "id": a.fingerprint} for role, a in context.inputs.items()},
             "data_files": self.data_hashes(spec),
             "base_model": self.recipe.model.to_plain(),
@@ -227,6 +234,7 @@ class _Runner:
         publish(context.output_dir, final_dir, manifest)
         for leftover in (self.run_dir / ".work").glob(f"{spec.name}-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # work folders of older settings of this stage
+        wait_for_everyone()
         return manifest
 
     def artifact(self, producer: str) -> Artifact:
@@ -245,7 +253,7 @@ class _Runner:
             {
                 "plugin": spec.plugin,
                 "plugin_version": spec.stage.version,
-                "settings": to_plain(spec.config),
+                "settings": spec.to_plain(),
                 "inputs": {role: artifact.fingerprint for role, artifact in inputs.items()},
                 "data_files": self.data_hashes(spec),
                 "backend": to_plain(self.recipe.backend),
@@ -287,6 +295,8 @@ class _Runner:
             recipe=self.recipe,
             plugins=self.pm,
             logger=logger.getChild(spec.name),
+            peft=spec.peft,
+            passthrough=spec.passthrough,
         )
 
 
@@ -306,6 +316,9 @@ def _headline(metrics: Mapping[str, float]) -> str:
 @contextlib.contextmanager
 def _run_log(path: Path) -> Iterator[None]:
     """Send everything align logs, tracebacks of failures included, to the run's log file."""
+    if not is_main_process():
+        yield
+        return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)

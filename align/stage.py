@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from align.artifacts import tokenizer_identity
 
 if TYPE_CHECKING:
+    from align.peft_method import PeftChoice
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
 
@@ -91,12 +92,16 @@ class Stage:
     * ``Config``: a dataclass of the stage's settings, fields declared with :func:`align.schema.setting`.
     * ``inputs``: role → :class:`Input`. A recipe points a role at an earlier stage (``policy: sft``).
     * ``version``: bump it when a change of the stage's code should invalidate cached outputs.
+    * ``passthrough``: ``"module:Class"`` of a dataclass (a TRL config) whose fields a recipe may also set
+      on this stage; they reach the stage as ``context.passthrough``, so a new trainer option works without
+      a new release of align.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
     inputs: ClassVar[Mapping[str, Input]] = {}
     version: ClassVar[str] = "1"
+    passthrough: ClassVar[str | None] = None
 
     def data_files(self, config: Any, recipe: Recipe) -> Sequence[Path]:
         """The files the stage will read, hashed into its fingerprint so that edited data reruns it."""
@@ -124,6 +129,8 @@ class StageContext:
     recipe: Recipe
     plugins: AlignPluginManager  #: registries (``plugins.get("dataset format", name)``) and ``plugins.hook``
     logger: logging.Logger
+    peft: PeftChoice | None = None  #: the validated ``peft`` setting, for stages that have one
+    passthrough: Mapping[str, Any] = field(default_factory=dict)  #: settings for the trainer's own config
 
     @property
     def metrics_file(self) -> Path:

@@ -435,9 +435,9 @@ def test_preference_pairs_share_the_prompt_and_keep_replies_apart(tokenizer):
         rejected={"role": "assistant", "content": "Awful"},
     )
     rows, report = Renderer(tokenizer, max_length=64).preference([pair], "p")
-    assert tokenizer.decode(rows["prompt_input_ids"][0]).endswith("<|im_start|>assistant\n")
-    assert tokenizer.decode(rows["chosen_input_ids"][0]) == "Great<|im_end|>"
-    assert tokenizer.decode(rows["rejected_input_ids"][0]) == "Awful<|im_end|>"
+    assert tokenizer.decode(rows["prompt_ids"][0]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(rows["chosen_ids"][0]) == "Great<|im_end|>"
+    assert tokenizer.decode(rows["rejected_ids"][0]) == "Awful<|im_end|>"
 
 
 def test_a_tokenizer_without_chat_template_needs_one(tokenizer):
