@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from align.dataformat import DatasetFormat
     from align.model_source import ModelSource
+    from align.peft_method import PeftMethod
     from align.recipe import Recipe
     from align.runner import RunSummary
     from align.stage import Stage, StageContext, StageOutcome
@@ -62,20 +64,25 @@ def align_register_model_sources() -> Sequence[ModelSource]:
 
 
 @hookspec
-def align_register_dataset_formats() -> Sequence[Any]:
+def align_register_dataset_formats() -> Sequence[DatasetFormat]:
     """Register dataset formats: converters from a file's rows to align's canonical examples.
 
-    :returns: objects with a unique ``name`` (``alpaca``, ``sharegpt``, …) that a dataset's
-        ``formatting`` selects.
+    A registry entry's ``formatting`` (or a stage's ``format:``) selects one by name; a file without
+    either is matched by each format's ``detect``.
+
+    :returns: :class:`align.dataformat.DatasetFormat` instances (``alpaca``, ``sharegpt``, …).
     """
 
 
 @hookspec
-def align_register_peft_methods() -> Sequence[Any]:
-    """Register parameter-efficient fine-tuning methods.
+def align_register_peft_methods() -> Sequence[PeftMethod]:
+    """Register PEFT methods: how a training stage makes its model trainable.
 
-    :returns: objects with a unique ``name`` (``full``, ``lora``, ``qlora``, …) that a stage's
-        ``peft.method`` selects.
+    A stage's ``peft: {method: lora, r: 16}`` selects one by name; the other keys are validated against
+    the method's ``Config`` when the recipe is loaded, and ``check`` may refuse the method there (qlora
+    without CUDA, say).
+
+    :returns: :class:`align.peft_method.PeftMethod` instances (``full``, ``freeze``, ``lora``, …).
     """
 
 
