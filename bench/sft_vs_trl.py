@@ -48,17 +48,31 @@ def run_trl(steps: int, work: Path, model_dir: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     rows = json.loads((REPO / "datasets" / "demo_sft.json").read_text())
-    data = Dataset.from_list([
-        {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
-        for r in rows
-    ])
+    data = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in rows
+        ]
+    )
     args = SFTConfig(
-        output_dir=str(work / "trl"), max_steps=steps, per_device_train_batch_size=16, learning_rate=1e-3,
-        max_length=512, assistant_only_loss=True, save_strategy="no", logging_steps=10, report_to=[],
-        use_cpu=True, bf16=False, dataloader_pin_memory=False, seed=42,
+        output_dir=str(work / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        max_length=512,
+        assistant_only_loss=True,
+        save_strategy="no",
+        logging_steps=10,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        dataloader_pin_memory=False,
+        seed=42,
     )
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
     trainer.train()
@@ -105,7 +119,10 @@ def main() -> None:
         for side in ("align", "trl"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--model-dir", model_dir],
-                capture_output=True, text=True, check=True, cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
             ).stdout
             results[side].append(json.loads(out.strip().splitlines()[-1]))
     print(f"SFT, tiny-llama, demo_sft, {args.steps} steps of 16 rows, CPU; median of {args.repeat} runs each")
@@ -113,8 +130,10 @@ def main() -> None:
     for side, runs in results.items():
         medians[side] = statistics.median(r["seconds"] for r in runs)
         peak = max(r["peak_mb"] for r in runs)
-        print(f"  {side:5s} {medians[side]:7.2f} s   peak RSS {peak:7.0f} MB   runs: "
-              + ", ".join(f"{r['seconds']:.2f}" for r in runs))
+        print(
+            f"  {side:5s} {medians[side]:7.2f} s   peak RSS {peak:7.0f} MB   runs: "
+            + ", ".join(f"{r['seconds']:.2f}" for r in runs)
+        )
     print(f"  align / TRL wall time: {medians['align'] / medians['trl']:.3f}x")
 
 
