@@ -42,8 +42,18 @@ class Example:
     def is_preference(self) -> bool:
         return self.chosen is not None
 
-    def validate(self) -> Example:
-        """Check the conversation's shape; raises :class:`BadRow` with the first problem found."""
+    @property
+    def prompt(self) -> list[dict[str, Any]]:
+        """What a policy is asked: the conversation up to its final assistant turn (or all of a prompt)."""
+        if not self.is_preference and self.messages[-1]["role"] == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    def validate(self, allow_prompt: bool = False) -> Example:
+        """Check the conversation's shape; raises :class:`BadRow` with the first problem found.
+
+        :param allow_prompt: accept a conversation that ends on a user turn with no reply (a prompt).
+        """
         if not self.messages:
             raise BadRow("empty_conversation", "the conversation has no turns")
         for index, message in enumerate([*self.messages, *self._replies()]):
@@ -80,6 +90,8 @@ class Example:
             for name, reply in (("chosen", self.chosen), ("rejected", self.rejected)):
                 if reply is not None and reply.get("role") != "assistant":
                     raise BadRow("turn_order", f"the {name} reply must be an assistant turn")
+        elif allow_prompt and turns[-1] in ("user", "tool"):
+            return self
         elif "assistant" not in turns:
             raise BadRow("no_assistant_turn", "the conversation has no assistant turn, so there is nothing to learn")
         elif turns[-1] != "assistant":

@@ -283,8 +283,12 @@ def load_examples(
     on_bad_row: Literal["error", "skip"] = "error",
     num_samples: int | None = None,
     format_name: str | None = None,
+    allow_prompts: bool = False,
 ) -> tuple[list[Example], LoadReport]:
-    """Read and convert a dataset; returns the examples and a report of kept and skipped rows."""
+    """Read and convert a dataset; returns the examples and a report of kept and skipped rows.
+
+    :param allow_prompts: accept rows that are prompts only (no reply), for generation.
+    """
     rows = read_rows(entry)
     report = LoadReport(entry.name, rows=len(rows))
     if not rows:
@@ -299,7 +303,7 @@ def load_examples(
     examples = []
     for index, row in enumerate(rows):
         try:
-            examples.append(fmt.convert(row, columns, tags, entry.ranking).validate())
+            examples.append(fmt.convert(row, columns, tags, entry.ranking).validate(allow_prompts))
         except BadRow as bad:
             if on_bad_row == "error":
                 raise AlignError(

@@ -106,3 +106,26 @@ def prepare(
         for column, values in rows.items():
             prepared.train.setdefault(column, []).extend(values[i] for i in picked)
     return prepared
+
+
+def load_prompts(
+    data: str | Sequence[str | DataSource],
+    plugins: AlignPluginManager,
+    *,
+    dataset_dir: str | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> list[list[dict[str, Any]]]:
+    """The prompts of ``data``: prompt-only rows as they are, conversations without their last reply,
+    and the shared prompt of preference pairs. Each source's ``weight`` and ``num_samples`` apply."""
+    from align.data import dataset_dirs
+
+    formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
+    prompts: list[list[dict[str, Any]]] = []
+    for index, source in enumerate(sources(data)):
+        entry = resolve(source.dataset, dataset_dirs(dataset_dir))
+        examples, loaded = load_examples(
+            entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=True
+        )
+        logger.info("  prompts %s", loaded.describe())
+        prompts += apply_weight([e.prompt for e in examples], source.weight, index)
+    return prompts

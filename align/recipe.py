@@ -227,9 +227,10 @@ def _validate_stage(
             hint=f"known stage plugins: {known}. Set `plugin:` when the stage's name is not its plugin's",
         )
     stage: Stage = pm.get("stage", plugin_name)
-    inputs = {
+    resolved = {
         role: _resolve_input(name, role, entry.pop(role, None), stage, all_stages, earlier) for role in stage.inputs
     }
+    inputs = {role: source for role, source in resolved.items() if source is not None}
 
     config_fields = [f.name for f in dataclasses.fields(stage.Config)]
     settings = {k: copy.deepcopy(v) for k, v in defaults.items() if k in config_fields}
@@ -276,12 +277,14 @@ def _validate_peft(value: Any, path: str, pm: AlignPluginManager) -> PeftChoice:
 
 def _resolve_input(
     name: str, role: str, given: Any, stage: Stage, all_stages: Mapping[str, Any], earlier: Mapping[str, StageSpec]
-) -> str:
+) -> str | None:
     path = f"stages.{name}.{role}"
     if given is None:
         for candidate in stage.inputs[role].default:
             if candidate == BASE or candidate in earlier:
                 return candidate
+        if stage.inputs[role].optional:
+            return None
         raise AlignError(
             f"'{path}' is required: {stage.inputs[role].help}",
             hint=f"point it at an earlier stage (`{role}: STAGE`) or at `{BASE}`",

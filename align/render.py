@@ -91,6 +91,11 @@ class Renderer:
         found = text.rfind(eos, start, end) if eos else -1
         return found + len(eos) if found >= 0 else end
 
+    def prompt_ids(self, messages: Sequence[dict[str, Any]], tools: Any = None) -> list[int]:
+        """Token ids of a prompt, ending with the template's cue for the assistant's reply."""
+        text = self.text(messages, tools, generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     # ------------------------------------------------------------------ SFT
     def sft(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
         """``{"input_ids", "labels"}`` for each example that fits, and the report."""

@@ -35,10 +35,12 @@ class Input:
     :param default: where it comes from when the recipe does not say: the first of these names that is
         an earlier stage of the recipe, else ``base`` when listed. ``("sft", "base")`` reads "the sft
         stage's output if the recipe has one, otherwise the base model".
+    :param optional: the stage can do without it (``context.inputs`` then lacks the role).
     """
 
     help: str
     default: tuple[str, ...] = (BASE,)
+    optional: bool = False  #: when no default applies and the recipe names none, the input is absent
 
 
 class Artifact:

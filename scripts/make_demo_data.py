@@ -133,6 +133,12 @@ def main() -> None:
         ],
     )
 
+    # Prompts only: for PPO (demo_prompts), and for scoring policies on prompts none trained on.
+    for name, count in (("demo_prompts", 256), ("demo_prompts_test", 64)):
+        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as prompts:
+            for _, _, prompt in conversations(rng, count):
+                prompts.write(json.dumps({"messages": [{"role": "user", "content": prompt}]}) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from align import hookimpl
 from align.prepare import data_files
 from align.schema import setting
 from align.stage import BASE, Input, Stage, StageContext
+from align.task_score import ScoreSettings, score_setting
 from align.training import TrainingSettings
 
 LossType = Literal[
@@ -58,6 +59,7 @@ class DPOSettings(TrainingSettings):
         "for held-out reward accuracy: a fraction below 1 or a count.",
     )
     loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the loss types."})
+    score: ScoreSettings | None = score_setting()
 
 
 class DPOStage(Stage):
@@ -135,6 +137,10 @@ class DPOStage(Stage):
                     if k.endswith(("rewards/accuracies", "rewards/margins", "_loss"))
                 }
             )
+        if config.score is not None:
+            from align.task_score import task_score
+
+            metrics.update(task_score(trainer.model, tokenizer, config.score, context))
         save(trainer, tokenizer, context)
         return metrics
 

@@ -19,6 +19,7 @@ from align.prepare import data_files
 from align.render import padding_waste
 from align.schema import setting
 from align.stage import Input, Stage, StageContext
+from align.task_score import ScoreSettings, score_setting
 from align.training import TrainingSettings
 
 
@@ -32,6 +33,7 @@ class SFTSettings(TrainingSettings):
         help="Pack several conversations into each sequence of max_length tokens "
         "(best-fit, without attention across conversations): less padding, faster epochs.",
     )
+    score: ScoreSettings | None = score_setting()
 
 
 class SFTStage(Stage):
@@ -81,6 +83,10 @@ class SFTStage(Stage):
         if held_out:
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.endswith("_loss")})
         metrics["padding_waste"] = padding_waste([len(i) for i in data.train["input_ids"]], config.batch_size)
+        if config.score is not None:
+            from align.task_score import task_score
+
+            metrics.update(task_score(trainer.model, tokenizer, config.score, context))
         save(trainer, tokenizer, context)
         return metrics
 

@@ -1,0 +1,52 @@
+"""What a rollout-engine plugin is: how responses are generated from a policy.
+
+PPO and evaluation generate through an engine registered with ``align_register_rollout_engines``. An
+engine is :meth:`RolloutEngine.start`-ed once per stage with the policy and returns a
+:class:`RolloutSession`, which generates from token ids and is told after every policy update
+(:meth:`RolloutSession.sync`) so that it generates from the new weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: the same settings reach every engine, so their outputs are comparable."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+
+
+class RolloutSession:
+    """A running engine for one policy."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
+        """Response token ids for each prompt (prompt not included), ending at EOS when one was generated."""
+        raise NotImplementedError
+
+    def sync(self, model: Any) -> None:
+        """Make the engine generate from ``model``'s current weights (called after every policy update)."""
+
+    def close(self) -> None:
+        """Free what the session holds (GPU memory, worker processes)."""
+
+
+class RolloutEngine:
+    """Base class for rollout-engine plugins; ``Config`` holds engine-specific settings."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def check(self, config: Any) -> None:
+        """Refuse, with an :class:`~align.AlignError`, what this machine cannot run (at recipe check)."""
+
+    def start(self, model: Any, model_path: str, tokenizer: Any, config: Any) -> RolloutSession:
+        """Start a session generating from ``model`` (whose weights were loaded from ``model_path``)."""
+        raise NotImplementedError

@@ -1,0 +1,59 @@
+"""Scoring a policy on a task with a known answer: generate for held-out prompts, judge with a rule.
+
+A training stage with ``score: {reward_function: sentiment, prompts: demo_prompts_test}`` reports
+``task_score`` (the mean rule score of its policy's responses) in its metrics and in ``summary.json``, so
+a recipe shows whether each stage moved the policy towards the goal without trusting a learned reward
+model. Put it in ``defaults:`` to score every policy of a chain the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from align.data import DataSource
+from align.rollout import Sampling
+from align.schema import setting
+
+
+@dataclass
+class ScoreSettings:
+    reward_function: str = setting(help="The rule that judges a response (`align plugins` lists them).")
+    prompts: str | list[str | DataSource] = setting(help="Prompts the policies did not train on (a dataset).")
+    samples: int = setting(64, help="How many of the prompts to answer.")
+    max_new_tokens: int = setting(48, help="Longest response.")
+    temperature: float = setting(0.7, help="Sampling temperature; 0 answers greedily.")
+    seed: int = setting(0, help="Sampling seed: the same policy gets the same score twice.")
+
+
+def score_setting() -> Any:
+    return setting(
+        None,
+        help="Score the trained policy on a task with a rule: {reward_function, prompts, "
+        "samples, max_new_tokens, temperature, seed}. Reported as task_score.",
+    )
+
+
+def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any) -> dict[str, float]:
+    """Generate with the ``hf`` engine for ``samples`` prompts and average the rule's scores."""
+    from align.prepare import load_prompts
+    from align.render import Renderer
+
+    plugins = context.plugins
+    rule = plugins.get("reward function", settings.reward_function)
+    prompts = load_prompts(settings.prompts, plugins, dataset_dir=context.recipe.dataset_dir)[: settings.samples]
+    renderer = Renderer(tokenizer, max_length=1 << 30)
+    prompt_ids = [renderer.prompt_ids(p) for p in prompts]
+    engine = plugins.get("rollout engine", "hf")
+    session = engine.start(model, "", tokenizer, engine.Config())
+    sampling = Sampling(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature or 1.0,
+        greedy=settings.temperature == 0,
+        seed=settings.seed,
+    )
+    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in session.generate(prompt_ids, sampling)]
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
+    scores = rule(texts, responses)
+    return {"task_score": statistics.fmean(scores), "task_score_std": statistics.pstdev(scores)}
