@@ -15,10 +15,11 @@ from align import hookimpl
 from align.reward import RewardFunction
 
 POSITIVE = frozenset(
-    ["wonderful", "great", "excellent", "delightful", "brilliant", "lovely", "fantastic", "enjoyable", "amazing", "good", "nice", "beautiful", "pleasant", "superb", "perfect"]
+    """wonderful great excellent delightful brilliant lovely fantastic enjoyable amazing good nice beautiful
+    pleasant superb perfect""".split()
 )
 NEGATIVE = frozenset(
-    ["terrible", "awful", "boring", "dull", "poor", "horrible", "disappointing", "bad", "ugly", "worst", "mediocre", "dreadful", "weak"]
+    """terrible awful boring dull poor horrible disappointing bad ugly worst mediocre dreadful weak""".split()
 )
 _WORD = re.compile(r"[a-z]+")
 

@@ -336,6 +336,8 @@ class _PPO:
             "scores": raw_scores,
             "kl": kl.sum(1),
             "ended": ended,
+            # Scoring includes the reference, reward and value forward passes: everything before the update.
+            "seconds": {"rollout_seconds": generated - started, "scoring_seconds": scored - generated},
         }
 
     def _optimise(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -348,6 +350,7 @@ class _PPO:
         config = self.config
         count = batch["input_ids"].shape[0]
         parts, entropies = [], []
+        started = time.perf_counter()
         for _ in range(config.ppo_epochs):
             order = torch.randperm(count, device=self.device)  # a new minibatch split every epoch
             for begin in range(0, count, config.mini_batch_size):
@@ -395,6 +398,8 @@ class _PPO:
             "value_clip_fraction": statistics.fmean(p.value_clip_fraction for p in parts),
             "approx_kl": statistics.fmean(p.approx_kl for p in parts),
             "learning_rate": self.scheduler.get_last_lr()[0],
+            **batch["seconds"],
+            "train_seconds": time.perf_counter() - started,
         }
 
     # ------------------------------------------------------------------------------------------ helpers
