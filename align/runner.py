@@ -309,7 +309,9 @@ def _check_metrics(stage: str, metrics: Any) -> dict[str, float]:
 
 
 def _headline(metrics: Mapping[str, float]) -> str:
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:4])
+    first = [k for k in ("task_score",) if k in metrics]  # what a user looks for first, when there is one
+    keys = first + [k for k in metrics if k not in first]
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys[:4])
     return f" ({shown})" if shown else ""
 
 

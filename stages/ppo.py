@@ -117,6 +117,10 @@ class _PPO:
                 f"stage '{context.name}' has nothing to reward the policy with",
                 hint="give it a reward_model (an rm stage) or reward_functions: [sentiment], or both",
             )
+        if self.config.mini_batch_size > self.config.batch_size:
+            raise AlignError(f"stage '{context.name}': mini_batch_size is larger than batch_size")
+        self.reward_functions = [context.plugins.get("reward function", n) for n in self.config.reward_functions]
+        self.engine = context.plugins.get("rollout engine", self.config.engine)
 
     def run(self) -> dict[str, float]:
 
@@ -209,7 +213,6 @@ class _PPO:
         self.reward_model = _frozen(load_model(reward_input.path, "reward")) if reward_input else None
         value_source = reward_input.path if reward_input else context.inputs["policy"].path
         self.value_model = load_model(value_source, "reward")
-        self.reward_functions = [context.plugins.get("reward function", n) for n in self.config.reward_functions]
         self.device = self.accelerator.device
         for frozen in (self.reference, self.reward_model):
             if frozen is not None:
@@ -264,7 +267,7 @@ class _PPO:
     def _setup_engine(self) -> None:
         from align.schema import build
 
-        engine = self.context.plugins.get("rollout engine", self.config.engine)
+        engine = self.engine
         options = build(engine.Config, self.config.engine_options, f"stages.{self.context.name}.engine_options")
         engine.check(options)
         self.session = engine.start(self._policy(), self.context.inputs["policy"].path, self.tokenizer, options)
