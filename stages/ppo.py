@@ -275,7 +275,7 @@ class _PPO:
     # ------------------------------------------------------------------------------------------ steps
     def _next_prompts(self) -> list[list[int]]:
         """The next batch of prompts for this process; the order is reshuffled every epoch, by seed."""
-        batch = []
+        batch: list[list[int]] = []
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         while len(batch) < self.config.batch_size:
             if self.position >= len(self.order):
