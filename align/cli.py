@@ -128,9 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         parents=[plugin_options],
-        help="show the settings of a stage, model source or PEFT method",
+        help="show the settings of a stage, model source, PEFT method or rollout engine",
     )
-    explain.add_argument("name", help="a stage plugin, model source or PEFT method, e.g. sft, tiny-llama, lora")
+    explain.add_argument("name", help="a stage, model source, PEFT method or rollout engine, e.g. sft, lora, vllm")
     explain.set_defaults(command=cmd_explain)
     return parser
 
@@ -231,13 +231,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from align.schema import describe, did_you_mean
 
     pm = _plugin_manager(args)
-    for kind in ("stage", "model source", "peft method"):
+    kinds = ("stage", "model source", "peft method", "rollout engine")
+    for kind in kinds:
         if args.name in pm.registry(kind):
             obj = pm.registry(kind)[args.name].obj
             break
     else:
-        known = [*pm.registry("stage"), *pm.registry("model source"), *pm.registry("peft method")]
-        raise AlignError(f"no stage, model source or PEFT method named '{args.name}'{did_you_mean(args.name, known)}")
+        known = [name for kind in kinds for name in pm.registry(kind)]
+        raise AlignError(
+            f"nothing named '{args.name}' to explain{did_you_mean(args.name, known)}",
+            hint="stages, model sources, PEFT methods and rollout engines can be explained",
+        )
     print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
     print((obj.__doc__ or type(obj).__doc__ or "").strip())
     for role, spec in getattr(obj, "inputs", {}).items():

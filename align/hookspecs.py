@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from align.model_source import ModelSource
     from align.peft_method import PeftMethod
     from align.recipe import Recipe
+    from align.reward import RewardFunction
+    from align.rollout import RolloutEngine
     from align.runner import RunSummary
     from align.stage import Stage, StageContext, StageOutcome
 
@@ -87,18 +89,24 @@ def align_register_peft_methods() -> Sequence[PeftMethod]:
 
 
 @hookspec
-def align_register_rollout_engines() -> Sequence[Any]:
+def align_register_rollout_engines() -> Sequence[RolloutEngine]:
     """Register rollout engines: ways to generate responses from a policy during PPO and evaluation.
 
-    :returns: objects with a unique ``name`` (``hf``, ``vllm``, …) that a stage's ``engine`` selects.
+    A stage's ``engine: NAME`` selects one and ``engine_options`` are validated against its ``Config``.
+    The engine is started once per stage and told after every policy update (``sync``).
+
+    :returns: :class:`align.rollout.RolloutEngine` instances (``hf``, ``vllm``, …).
     """
 
 
 @hookspec
-def align_register_reward_functions() -> Sequence[Any]:
+def align_register_reward_functions() -> Sequence[RewardFunction]:
     """Register rule-based reward functions, scoring a prompt and response without a reward model.
 
-    :returns: objects with a unique ``name`` that a stage's ``reward_functions`` list selects.
+    A PPO stage's ``reward_functions`` list and a ``score:`` setting's ``reward_function`` select them by
+    name.
+
+    :returns: :class:`align.reward.RewardFunction` instances (``sentiment``, …).
     """
 
 

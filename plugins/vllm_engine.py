@@ -33,7 +33,9 @@ class VLLMConfig:
         "Write a short review of the film Blue Hour.", help="The fixed prompt whose greedy answer checks each push."
     )
     probe_tokens: int = setting(16, help="Tokens of greedy answer compared after each push (0: no probe).")
-    max_model_len: int | None = setting(None, help="Longest prompt + response the engine serves (default: the model's).")
+    max_model_len: int | None = setting(
+        None, help="Longest prompt + response the engine serves (default: the model's)."
+    )
 
 
 class VLLMSession(RolloutSession):
