@@ -114,6 +114,42 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
     preview.set_defaults(command=cmd_data_preview)
 
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[plugin_options],
+        help="evaluate checkpoints against a reference",
+        description="Generate with each model for the same prompts (same seed and sampling), then report reward-"
+        "model score, win rate against the reference, KL to it, length, perplexity, preference accuracy, reward "
+        "functions and task metrics in OUTPUT/results.json, report.md and report.html.",
+    )
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="a checkpoint to evaluate (repeatable); NAME defaults to the folder's name",
+    )
+    evaluate.add_argument("--reference", required=True, metavar="PATH", help="the checkpoint to compare with")
+    evaluate.add_argument("--reward-model", metavar="PATH", help="the judge of scores and win rates")
+    evaluate.add_argument("--prompts", default="demo_prompts_test", help="prompts: a dataset or file")
+    evaluate.add_argument("--data", help="held-out conversations: perplexity and task metrics")
+    evaluate.add_argument("--pairs", help="held-out preference pairs: preference accuracy")
+    evaluate.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json")
+    evaluate.add_argument(
+        "--reward-function",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a rule to score responses with (repeatable)",
+    )
+    evaluate.add_argument("--samples", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--temperature", type=float, default=0.7)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--engine", default="hf")
+    evaluate.add_argument("--output", required=True, metavar="DIR")
+    evaluate.set_defaults(command=cmd_eval)
+
     export = commands.add_parser(
         "export",
         help="write a stage's output as a standalone checkpoint",
@@ -216,6 +252,37 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
             cache_dir=align_home() / "models",
         )
     )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from align.evaluation import EvalSettings, evaluate_models, write_reports
+
+    models = {}
+    for given in args.model:
+        name, _, path = given.rpartition("=") if "=" in given else ("", "", given)
+        models[name or Path(path).name] = path
+    for path in [*models.values(), args.reference, *([args.reward_model] if args.reward_model else [])]:
+        if not Path(path).is_dir():
+            raise AlignError(f"{path}: no such checkpoint folder")
+    settings = EvalSettings(
+        prompts=args.prompts,
+        data=args.data,
+        pairs=args.pairs,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        engine=args.engine,
+        reward_functions=args.reward_function,
+    )
+    logging.getLogger("align").setLevel(logging.INFO)
+    _log_to_terminal()
+    results = evaluate_models(
+        models, args.reference, args.reward_model, settings, _plugin_manager(args), args.dataset_dir
+    )
+    write_reports(results, Path(args.output))
+    print(f"wrote {args.output}/results.json, report.md and report.html")
     return 0
 
 

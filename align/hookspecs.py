@@ -26,6 +26,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from align.dataformat import DatasetFormat
+    from align.evaluation import Evaluator
     from align.model_source import ModelSource
     from align.peft_method import PeftMethod
     from align.recipe import Recipe
@@ -111,10 +112,14 @@ def align_register_reward_functions() -> Sequence[RewardFunction]:
 
 
 @hookspec
-def align_register_evaluators() -> Sequence[Any]:
-    """Register evaluators: metrics computed on a checkpoint by ``align eval`` and the eval stage.
+def align_register_evaluators() -> Sequence[Evaluator]:
+    """Register evaluators: measurements of a checkpoint made by ``align eval`` and the eval stage.
 
-    :returns: objects with a unique ``name`` that an evaluation's ``metrics`` list selects.
+    Every registered evaluator that applies (``applies``: a reward model given, held-out data given, …)
+    runs, unless an evaluation's ``evaluators`` list names a subset. Each returns entries for the
+    model's part of ``results.json``.
+
+    :returns: :class:`align.evaluation.Evaluator` instances (``reward_model``, ``kl``, ``perplexity``, …).
     """
 
 
