@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from align import AlignError, hookimpl
 from align.evaluation import EvalRun, Evaluator, ModelUnderTest
@@ -215,18 +215,13 @@ def _metric(name: str, predictions: list[str], references: list[str]) -> float:
     return float(next(iter(computed.values()))) if len(computed) == 1 else float(computed.get(name, 0.0))
 
 
-def _rendered(run: EvalRun, kind: str) -> dict[str, list[list[int]]]:
+def _rendered(run: EvalRun, kind: Literal["sft", "preference"]) -> dict[str, list[list[int]]]:
     from align.prepare import prepare
     from align.render import Renderer
 
     data = run.settings.data if kind == "sft" else run.settings.pairs
-    prepared = prepare(
-        data,
-        Renderer(run.tokenizer, 4096),
-        run.plugins,
-        kind=kind,
-        dataset_dir=run.dataset_dir,  # type: ignore
-    )
+    assert data is not None  # the evaluators that call this apply only when it is given
+    prepared = prepare(data, Renderer(run.tokenizer, 4096), run.plugins, kind=kind, dataset_dir=run.dataset_dir)
     return {k: v[: run.settings.samples] for k, v in prepared.train.items()}
 
 
