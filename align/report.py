@@ -104,7 +104,7 @@ def html_report(results: Mapping[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>align evaluation</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; background: #fff; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: .85rem; display: block; overflow-x: auto; }}
 th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }}
 th:first-child {{ text-align: left; }}
 thead th {{ background: #f0f0f0; }}
@@ -176,11 +176,13 @@ def _scatter(points: Mapping[str, tuple[float, float]], width: int = 640, height
         y0, y1 = y0 - 1, y1 + 1
     shapes = []
     for k, (name, (x, y)) in enumerate(points.items()):
-        cx = 50 + (x - x0) / ((x1 - x0) or 1) * (width - 80)
+        cx = 50 + (x - x0) / ((x1 - x0) or 1) * (width - 160)  # room for the label right of the point
         cy = height - 30 - (y - y0) / (y1 - y0) * (height - 60)
         shapes.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{COLOURS[k % len(COLOURS)]}"/>')
         shapes.append(f'<text x="{cx + 10:.1f}" y="{cy + 4:.1f}" font-size="12">{html.escape(name)}</text>')
-    return _svg(width, height, shapes, points, f"KL {x0:.2f}", f"{x1:.2f}", "reward ↑")
+    shapes.append(f'<text x="50" y="35" font-size="11">reward {y1:.2f}</text>')
+    shapes.append(f'<text x="50" y="{height - 36}" font-size="11">{y0:.2f}</text>')
+    return _svg(width, height, shapes, points, f"{x0:.2f}", f"{x1:.2f}", "KL to the reference (nats per response) →")
 
 
 def _svg(

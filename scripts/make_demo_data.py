@@ -139,6 +139,27 @@ def main() -> None:
             for _, _, prompt in conversations(rng, count):
                 prompts.write(json.dumps({"messages": [{"role": "user", "content": prompt}]}) + "\n")
 
+    # Held out from every training set: for evaluation (perplexity, task metrics, preference accuracy).
+    write(
+        out / "demo_sft_test.json",
+        [
+            {"instruction": prompt, "input": "", "output": review(rng, kind, subject, positive=i % 2 == 0)}
+            for i, (kind, subject, prompt) in enumerate(conversations(rng, 64))
+        ],
+    )
+    write(
+        out / "demo_pref_test.json",
+        [
+            {
+                "instruction": prompt,
+                "input": "",
+                "chosen": review(rng, kind, subject, True),
+                "rejected": review(rng, kind, subject, False),
+            }
+            for kind, subject, prompt in conversations(rng, 64)
+        ],
+    )
+
 
 if __name__ == "__main__":
     main()

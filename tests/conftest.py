@@ -53,6 +53,15 @@ def fake_pm():  # -> AlignPluginManager with the quick, torch-free test stages o
     return get_plugin_manager(plugins_dir=FAKE_PLUGIN.parent)
 
 
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's quickstart, run once for the whole session; returns its run folder."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    result = run_align("run", str(REPO / "examples" / "quickstart.yaml"), "--run-dir", str(run_dir), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def run_align(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
     """Run the installed ``align`` command in a fresh interpreter, as a user would."""
     import subprocess

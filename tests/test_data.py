@@ -351,7 +351,7 @@ def test_an_unknown_format_lists_the_known_ones(tmp_path, formats):
     with pytest.raises(AlignError) as info:
         load(path, formats, format_name="alpacca")
     assert "unknown format 'alpacca' (did you mean 'alpaca'?)" in str(info.value)
-    assert "known formats: alpaca, hh, messages, sharegpt" in str(info.value)
+    assert "known formats: alpaca, hh, messages, mt_bench, sharegpt" in str(info.value)
 
 
 def test_a_file_no_format_recognises_asks_for_one(tmp_path, formats):

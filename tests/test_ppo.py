@@ -18,7 +18,7 @@ from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
 from align.stages.ppo_math import AdaptiveKL, gae, kl_per_token, ppo_loss, whiten
-from conftest import EXTERNAL, REPO, run_align
+from conftest import EXTERNAL, run_align
 
 REFERENCE = EXTERNAL / "reference_values" / "rlhf_reference_values.json"
 
@@ -160,11 +160,9 @@ def test_ppo_raises_a_known_reward_within_a_fixed_number_of_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_quickstart_chain_runs_end_to_end_and_alignment_helps(tmp_path):
-    result = run_align("run", str(REPO / "examples" / "quickstart.yaml"), "--run-dir", str(tmp_path / "q"), cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    stages = json.loads((tmp_path / "q" / "summary.json").read_text())["stages"]
-    assert [s["status"] for s in stages.values()] == ["done"] * 4
+def test_the_quickstart_chain_runs_end_to_end_and_alignment_helps(quickstart):
+    stages = json.loads((quickstart / "summary.json").read_text())["stages"]
+    assert [s["status"] for s in stages.values()] == ["done"] * 5
     sft, ppo, dpo = (stages[name]["metrics"]["task_score"] for name in ("sft", "ppo", "dpo"))
     assert ppo > sft + 0.3 and dpo > sft + 0.3
     assert stages["rm"]["metrics"]["eval_accuracy"] >= 0.9
