@@ -62,6 +62,16 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def tiny_llama() -> Path:
+    """The default tiny-llama's folder (the base model of recipes that say `model: tiny-llama`)."""
+    from align.plugin_manager import get_plugin_manager
+    from align.runner import align_home
+    from align.schema import build
+
+    source = get_plugin_manager().get("model source", "tiny-llama")
+    return Path(source.materialize(build(source.Config, {}, "model"), align_home() / "models"))
+
+
 def run_align(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
     """Run the installed ``align`` command in a fresh interpreter, as a user would."""
     import subprocess

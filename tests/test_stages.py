@@ -17,7 +17,7 @@ from align import AlignError
 from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
-from conftest import REPO, run_align
+from conftest import REPO, run_align, tiny_llama
 
 SFT = """
   sft:
@@ -143,10 +143,7 @@ def test_freeze_trains_only_the_last_layers(tmp_path):
     )
     assert summary.status == "done", summary.error
     tuned = weights(tmp_path / "run" / "sft")
-    from align.runner import align_home
-
-    (base_folder,) = (align_home() / "models").glob("tiny-llama-*")
-    base = weights(base_folder)
+    base = weights(tiny_llama())
     assert (tuned["model.layers.0.mlp.up_proj.weight"] == base["model.layers.0.mlp.up_proj.weight"]).all()
     assert not (tuned["model.layers.1.mlp.up_proj.weight"] == base["model.layers.1.mlp.up_proj.weight"]).all()
 

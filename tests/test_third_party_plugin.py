@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from align.runner import align_home
-from conftest import REPO, run_align
+from conftest import REPO, run_align, tiny_llama
 
 PACKAGE = REPO / "examples" / "align-wise-ft"
 
@@ -61,8 +60,7 @@ def test_a_recipe_runs_the_third_party_stage_beside_a_builtin_one(installed, tmp
     assert base["producer"] == "base"
     blended = AutoModelForCausalLM.from_pretrained(run_dir / "wise").state_dict()
     tuned = AutoModelForCausalLM.from_pretrained(run_dir / "sft").state_dict()
-    (anchor_folder,) = (align_home() / "models").glob("tiny-llama-*")  # the base model, built by the run
-    anchor = AutoModelForCausalLM.from_pretrained(anchor_folder).state_dict()
+    anchor = AutoModelForCausalLM.from_pretrained(tiny_llama()).state_dict()  # the base model the run built
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(tuned[name], anchor[name])
     torch.testing.assert_close(blended[name], 0.5 * tuned[name] + 0.5 * anchor[name])
