@@ -62,6 +62,18 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+#: The multi-process backends that run on a CPU, for tests that train on two processes.
+TWO_PROCESS_BACKENDS = pytest.mark.parametrize(
+    "backend",
+    [
+        "{kind: ddp, num_processes: 2}",
+        "{kind: deepspeed, num_processes: 2, zero_stage: 2}",
+        "{kind: deepspeed, num_processes: 2, zero_stage: 3}",
+    ],
+    ids=["ddp", "zero2", "zero3"],
+)
+
+
 def tiny_llama() -> Path:
     """The default tiny-llama's folder (the base model of recipes that say `model: tiny-llama`)."""
     from align.plugin_manager import get_plugin_manager

@@ -18,7 +18,7 @@ from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
 from align.stages.ppo_math import AdaptiveKL, gae, kl_per_token, ppo_loss, whiten
-from conftest import EXTERNAL, run_align
+from conftest import EXTERNAL, TWO_PROCESS_BACKENDS, run_align
 
 REFERENCE = EXTERNAL / "reference_values" / "rlhf_reference_values.json"
 
@@ -248,19 +248,10 @@ def test_a_killed_ppo_run_continues_where_it_stopped(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "{kind: ddp, num_processes: 2}",
-        "{kind: deepspeed, num_processes: 2, zero_stage: 2}",
-        "{kind: deepspeed, num_processes: 2, zero_stage: 3}",
-    ],
-    ids=["ddp", "zero2", "zero3"],
-)
+@TWO_PROCESS_BACKENDS
 def test_ppo_runs_on_two_processes(tmp_path, backend):
     path = tmp_path / "r.yaml"
     path.write_text(f"model: tiny-llama\nbackend: {backend}\nstages:\n" + PPO)
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = run_align(
         "run",
         str(path),
@@ -269,7 +260,6 @@ def test_ppo_runs_on_two_processes(tmp_path, backend):
         "stages.ppo.steps=2",
         "stages.ppo.batch_size=16",
         "stages.ppo.score=null",
-        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -17,7 +17,7 @@ from align import AlignError
 from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
-from conftest import REPO, run_align, tiny_llama
+from conftest import REPO, TWO_PROCESS_BACKENDS, run_align, tiny_llama
 
 SFT = """
   sft:
@@ -255,20 +255,11 @@ def test_backend_mistakes_are_refused_before_any_work(write_recipe, backend, mes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "{kind: ddp, num_processes: 2}",
-        "{kind: deepspeed, num_processes: 2, zero_stage: 2}",
-        "{kind: deepspeed, num_processes: 2, zero_stage: 3}",
-    ],
-    ids=["ddp", "zero2", "zero3"],
-)
+@TWO_PROCESS_BACKENDS
 def test_two_processes_on_a_cpu_train_one_checkpoint(tmp_path, backend):
     path = tmp_path / "r.yaml"
     path.write_text(recipe(SFT, head=f"model: tiny-llama\nbackend: {backend}\n"))
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    result = run_align("run", str(path), "--run-dir", str(tmp_path / "run"), "stages.sft.max_steps=6", env=env)
+    result = run_align("run", str(path), "--run-dir", str(tmp_path / "run"), "stages.sft.max_steps=6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "launching 2 processes" in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
