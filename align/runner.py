@@ -157,7 +157,8 @@ class _Runner:
         started = time.perf_counter()
         try:
             inputs = {role: self.artifact(producer) for role, producer in spec.inputs.items()}
-            fp = self.fingerprint(spec, inputs)
+            data_files = self.data_hashes(spec)  # once: hashing large files twice is wasted I/O
+            fp = self.fingerprint(spec, inputs, data_files)
             final_dir = self.run_dir / spec.name
             manifest = read_manifest(final_dir)
             context = self.context(spec, inputs, self.run_dir / ".work" / f"{spec.name}-{fp[:12]}")
@@ -169,7 +170,7 @@ class _Runner:
                 logger.info("%s %s: running (%s)", counter, spec.name, spec.plugin)
                 outcome.status = "running"
                 self.summary.write()
-                manifest = self.execute(context, fp, final_dir)
+                manifest = self.execute(context, fp, final_dir, data_files)
                 outcome.status, outcome.metrics = "done", dict(manifest["metrics"])
                 outcome.artifact = str(final_dir)
                 logger.info(
@@ -200,7 +201,7 @@ class _Runner:
         self.summary.write()
         return outcome
 
-    def execute(self, context: StageContext, fp: str, final_dir: Path) -> dict[str, Any]:
+    def execute(self, context: StageContext, fp: str, final_dir: Path, data_files: Mapping[str, str]) -> dict[str, Any]:
         """Run the stage in its work folder and publish it; returns the manifest."""
         self.check_tokenizers_agree(context)
         context.output_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ class _Runner:
             "artifact_id": fingerprint([fp, time.time_ns()]),
             "settings": spec.to_plain(),
             "inputs": {role: {"producer": a.producer, "id": a.fingerprint} for role, a in context.inputs.items()},
-            "data_files": self.data_hashes(spec),
+            "data_files": dict(data_files),
             "base_model": self.recipe.model.to_plain(),
             "tokenizer": tokenizer_identity(context.output_dir),
             "align_version": align.__version__,
@@ -248,14 +249,14 @@ class _Runner:
             self.artifacts[BASE] = Artifact(BASE, self.source.fingerprint(config), materialize=materialize)
         return self.artifacts[producer]
 
-    def fingerprint(self, spec: StageSpec, inputs: Mapping[str, Artifact]) -> str:
+    def fingerprint(self, spec: StageSpec, inputs: Mapping[str, Artifact], data_files: Mapping[str, str]) -> str:
         return fingerprint(
             {
                 "plugin": spec.plugin,
                 "plugin_version": spec.stage.version,
                 "settings": spec.to_plain(),
                 "inputs": {role: artifact.fingerprint for role, artifact in inputs.items()},
-                "data_files": self.data_hashes(spec),
+                "data_files": dict(data_files),
                 "backend": to_plain(self.recipe.backend),
             }
         )

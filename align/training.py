@@ -117,6 +117,15 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+def loss_metrics(trainer: Any, result: Any) -> dict[str, float]:
+    """Mean training loss, steps, and the first and last logged loss (to see whether it fell)."""
+    metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    if losses:
+        metrics.update(first_loss=losses[0], last_loss=losses[-1])
+    return metrics
+
+
 def final_metrics(trainer: Any, names: dict[str, str]) -> dict[str, float]:
     """The last logged value of each metric in ``names`` (logged name → reported name)."""
     found: dict[str, float] = {}

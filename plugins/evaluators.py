@@ -33,14 +33,14 @@ def _response_logprobs(model: Any, batch: dict[str, Any]) -> Any:
     return logprobs * batch["response_mask"]
 
 
-def _rewards(run: EvalRun, responses: list[list[int]]) -> list[float]:
+def _rewards(run: EvalRun, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
     import torch
 
     from align.stages.ppo_model import token_values
 
     assert run.reward_model is not None
     model = run.model(run.reward_model, "reward")
-    batch = _sequences(run.prompts, responses, run.tokenizer.pad_token_id)
+    batch = _sequences(prompts, responses, run.tokenizer.pad_token_id)
     with torch.no_grad():
         values = token_values(model, batch)
     last = batch["prompt_width"] + batch["response_lengths"] - 1
@@ -56,8 +56,8 @@ class RewardScore(Evaluator):
         return run.reward_model is not None
 
     def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
-        scores = _rewards(run, model.responses)
-        reference = _rewards(run, run.reference.responses)
+        scores = _rewards(run, run.prompts, model.responses)
+        reference = _rewards(run, run.prompts, run.reference.responses)
         mean = statistics.fmean(scores)
         half_width = 1.96 * statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
         wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, reference, strict=True))
@@ -149,12 +149,8 @@ class PreferenceAccuracy(Evaluator):
         prompts = rows["prompt_ids"]
         found: dict[str, float] = {}
         if run.reward_model is not None:
-            saved = run.prompts
-            run.prompts = prompts
-            try:
-                chosen, rejected = _rewards(run, rows["chosen_ids"]), _rewards(run, rows["rejected_ids"])
-            finally:
-                run.prompts = saved
+            chosen = _rewards(run, prompts, rows["chosen_ids"])
+            rejected = _rewards(run, prompts, rows["rejected_ids"])
             found["reward_model"] = statistics.fmean(c > r for c, r in zip(chosen, rejected, strict=True))
         if model.path != run.reference.path:
             pad = run.tokenizer.pad_token_id

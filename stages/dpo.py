@@ -83,6 +83,7 @@ class DPOStage(Stage):
             final_metrics,
             load_for_training,
             load_tokenizer,
+            loss_metrics,
             prepare_data,
             save,
             train,
@@ -120,11 +121,7 @@ class DPOStage(Stage):
             eval_dataset=held_out or None,
             processing_class=tokenizer,
         )
-        result = train(trainer, context)
-        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-        metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
-        if losses:
-            metrics.update(first_loss=losses[0], last_loss=losses[-1])
+        metrics = loss_metrics(trainer, train(trainer, context))
         metrics.update(
             final_metrics(trainer, {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"})
         )

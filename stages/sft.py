@@ -56,6 +56,7 @@ class SFTStage(Stage):
             common_arguments,
             load_for_training,
             load_tokenizer,
+            loss_metrics,
             prepare_data,
             save,
             train,
@@ -75,11 +76,7 @@ class SFTStage(Stage):
             eval_dataset=held_out or None,
             processing_class=tokenizer,
         )
-        result = train(trainer, context)
-        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-        metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
-        if losses:
-            metrics.update(first_loss=losses[0], last_loss=losses[-1])
+        metrics = loss_metrics(trainer, train(trainer, context))
         if held_out:
             metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.endswith("_loss")})
         metrics["padding_waste"] = padding_waste([len(i) for i in data.train["input_ids"]], config.batch_size)
