@@ -311,8 +311,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
     print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
     print((obj.__doc__ or type(obj).__doc__ or "").strip())
+    for line in obj.facts() if kind == "stage" else []:
+        print(f"  {line}")
     for role, spec in getattr(obj, "inputs", {}).items():
-        print(f"\n  {role}  (input; default: {' or '.join(spec.default)})\n      {spec.help}")
+        print(f"\n  {role}  (input; default: {spec.describe_default()})\n      {spec.help}")
     for name, type_, default, help_ in describe(obj.Config):
         print(f"\n  {name}: {type_} = {default}\n      {help_}")
     return 0

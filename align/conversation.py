@@ -30,13 +30,15 @@ class BadRow(Exception):
 
 @dataclass
 class Example:
-    """One conversation (SFT) or one prompt with a chosen and a rejected reply (preference)."""
+    """One conversation (SFT), one prompt with a chosen and a rejected reply (preference), or one
+    conversation whose final reply is marked desirable or not (``label``, unpaired feedback)."""
 
     messages: list[dict[str, Any]]
     chosen: dict[str, Any] | None = None
     rejected: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  #: format-specific data kept for the stage
+    label: bool | None = None  #: unpaired feedback (KTO): whether the final reply is desirable
+    columns: dict[str, Any] = field(default_factory=dict)  #: the row's other columns (a reference answer…)
 
     @property
     def is_preference(self) -> bool:

@@ -196,8 +196,6 @@ def _entry(name: str, raw: Any, folder: Path) -> DatasetEntry:
     multimodal = [c for c in MULTIMODAL_COLUMNS if c in columns]
     if multimodal:
         raise AlignError(f"{where} has {', '.join(multimodal)}: multimodal datasets are not supported")
-    if "kto_tag" in columns:
-        raise AlignError(f"{where} is a KTO dataset (kto_tag); align's stages take SFT or paired preference data")
     formatting = raw.get("formatting", "alpaca")
     if formatting == "alpaca" and set(columns) <= {"prompt"} and columns:
         raise AlignError(f"{where} is plain pre-training text; align's stages take conversations")
@@ -300,10 +298,15 @@ def load_examples(
     fmt = _format(entry, formats, format_name, rows[0])
     columns = {**fmt.columns, **entry.columns}
     tags = {**fmt.tags, **entry.tags}
+    read = set(columns.values())  # the columns the format reads; the rest travel with the example
     examples = []
     for index, row in enumerate(rows):
         try:
-            examples.append(fmt.convert(row, columns, tags, entry.ranking).validate(allow_prompts))
+            example = fmt.convert(row, columns, tags, entry.ranking)
+            if columns.get("kto_tag"):  # LLaMA-Factory's column of unpaired feedback, for every format
+                example.label = _desirable(row, columns["kto_tag"])
+            example.columns = {k: v for k, v in row.items() if k not in read}
+            examples.append(example.validate(allow_prompts))
         except BadRow as bad:
             if on_bad_row == "error":
                 raise AlignError(
@@ -315,6 +318,17 @@ def load_examples(
     if not examples:
         raise AlignError(f"dataset '{entry.name}': none of its {report.rows} rows could be read: {report.describe()}")
     return examples, report
+
+
+def _desirable(row: Mapping[str, Any], column: str) -> bool:
+    value = row.get(column)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value is None:
+        raise BadRow("missing_column", f"the column '{column}' (kto_tag: whether the reply is desirable) is missing")
+    raise BadRow("wrong_type", f"the column '{column}' (kto_tag) must be true or false, got {value!r}")
 
 
 def _format(

@@ -27,8 +27,10 @@ import pluggy
 if TYPE_CHECKING:
     from align.dataformat import DatasetFormat
     from align.evaluation import Evaluator
+    from align.kinds import DataKind
     from align.model_source import ModelSource
     from align.peft_method import PeftMethod
+    from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
     from align.reward import RewardFunction
     from align.rollout import RolloutEngine
@@ -74,6 +76,20 @@ def align_register_dataset_formats() -> Sequence[DatasetFormat]:
     either is matched by each format's ``detect``.
 
     :returns: :class:`align.dataformat.DatasetFormat` instances (``alpaca``, ``sharegpt``, …).
+    """
+
+
+@hookspec
+def align_register_data_kinds() -> Sequence[DataKind]:
+    """Register data kinds: the shapes of data a stage trains on, and how rows of one kind become another.
+
+    A stage names the kind it takes (``data_kind = "feedback"``); a dataset-format plugin names the kinds
+    it can produce (``kinds``). align's own kinds are ``conversations`` (SFT), ``preferences`` (a prompt
+    with a chosen and a rejected reply), ``feedback`` (one reply marked desirable or not, as KTO takes it)
+    and ``prompts`` (with the row's other columns, such as a reference answer). A kind may convert rows
+    of another (``preferences`` → ``feedback`` gives each pair's two replies, one desirable and one not).
+
+    :returns: :class:`align.kinds.DataKind` instances.
     """
 
 
@@ -129,13 +145,16 @@ def align_register_evaluators() -> Sequence[Evaluator]:
 
 
 @hookspec
-def align_recipe_loaded(recipe: Recipe) -> None:
+def align_recipe_loaded(recipe: Recipe, plugins: AlignPluginManager) -> None:
     """Called once the recipe is read, overridden from the command line and validated, before any work.
 
-    Raise :class:`align.AlignError` to refuse a recipe (say, a stage combination your plugin cannot
-    serve); the run stops with your message.
+    ``align config`` calls it too, so a check here stops a bad recipe before anything trains. Raise
+    :class:`align.AlignError` to refuse a recipe (say, a stage combination your plugin cannot serve, or a
+    name no registry knows: ``plugins.get("reward function", name)`` raises with the known names).
+    Each stage's own :meth:`align.stage.Stage.check` has run before this hook.
 
     :param recipe: the resolved recipe. Treat it as read-only.
+    :param plugins: the plugin manager, for its registries (``plugins.registry("rollout engine")``).
     """
 
 

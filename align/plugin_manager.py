@@ -38,6 +38,7 @@ REGISTRIES = {
     "stage": "align_register_stages",
     "model source": "align_register_model_sources",
     "dataset format": "align_register_dataset_formats",
+    "data kind": "align_register_data_kinds",
     "peft method": "align_register_peft_methods",
     "rollout engine": "align_register_rollout_engines",
     "reward function": "align_register_reward_functions",
@@ -45,7 +46,7 @@ REGISTRIES = {
 }
 
 #: Plugins that are part of the core rather than extensions: registered directly, never blockable.
-ESSENTIAL_PLUGINS = ("align.runner",)
+ESSENTIAL_PLUGINS = ("align.runner", "align.kinds")
 
 
 @dataclass(frozen=True)

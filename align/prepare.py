@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from align.conversation import Example
 from align.data import DataSource, LoadReport, apply_weight, load_examples, resolve, sources, split_held_out
 from align.errors import AlignError
+from align.kinds import PROMPTS, DataKind, kind_of
 from align.plugin_manager import AlignPluginManager
 from align.render import Renderer, RenderReport
 
@@ -25,8 +27,8 @@ logger = logging.getLogger("align.data")
 class Prepared:
     """Tokenized rows ready for a trainer, and what happened to every row on the way."""
 
-    train: dict[str, list[list[int]]]
-    held_out: dict[str, dict[str, list[list[int]]]]  #: dataset name → rows
+    train: dict[str, list[Any]]  #: column → one value per row (token ids, labels, …: see the data kind)
+    held_out: dict[str, dict[str, list[Any]]]  #: dataset name → columns
     loaded: list[LoadReport] = field(default_factory=list)
     rendered: list[RenderReport] = field(default_factory=list)
 
@@ -64,34 +66,32 @@ def prepare(
     renderer: Renderer,
     plugins: AlignPluginManager,
     *,
-    kind: Literal["sft", "preference"],
+    kind: str,
     dataset_dir: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
     seed: int = 0,
     default_eval_size: float = 0.0,
 ) -> Prepared:
-    """Load, split, render and weight every dataset of ``data``.
+    """Load, split, render and weight every dataset of ``data`` as rows of the data kind ``kind``.
 
+    :param kind: a registered data kind (``conversations``, ``preferences``, ``feedback``, ``prompts``, …);
+        rows of another kind are converted when the kind knows how, and refused otherwise.
     :param default_eval_size: rows to hold out of each dataset that does not set its own ``eval_size``.
     """
     from align.data import dataset_dirs
 
+    data_kind: DataKind = plugins.get("data kind", kind)
     formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
     prepared = Prepared(train={}, held_out={})
     for index, source in enumerate(sources(data)):
         entry = resolve(source.dataset, dataset_dirs(dataset_dir))
-        examples, loaded = load_examples(entry, formats, on_bad_row, source.num_samples, source.format)
-        wrong = [e for e in examples if e.is_preference != (kind == "preference")]
-        if wrong:
-            wanted = "preference pairs (chosen/rejected)" if kind == "preference" else "conversations (not pairs)"
-            raise AlignError(
-                f"dataset '{entry.name}' holds {'preference pairs' if wrong[0].is_preference else 'conversations'}, "
-                f"but this stage trains on {wanted}",
-                hint="for an alpaca or sharegpt file, `ranking: true` in its registry entry marks a preference set",
-            )
+        examples, loaded = load_examples(
+            entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=data_kind.prompt_rows
+        )
         train, held = split_held_out(examples, source.eval_size or default_eval_size, seed + index)
-        render = renderer.sft if kind == "sft" else renderer.preference
-        rows, report = render(train, entry.name)
+        # Split before converting, so that the two halves of a pair never land on both sides.
+        train, held = as_kind(train, data_kind, plugins, entry.name), as_kind(held, data_kind, plugins, entry.name)
+        rows, report = data_kind.render(renderer, train, entry.name)
         prepared.loaded.append(loaded)
         prepared.rendered.append(report)
         logger.info("  data %s", loaded.describe())
@@ -99,13 +99,33 @@ def prepare(
         if not next(iter(rows.values())):
             raise AlignError(f"dataset '{entry.name}': no row survived rendering: {report.describe()}")
         if held:
-            prepared.held_out[entry.name], held_report = render(held, f"{entry.name} (held out)")
+            prepared.held_out[entry.name], held_report = data_kind.render(renderer, held, f"{entry.name} (held out)")
             prepared.rendered.append(held_report)
             logger.info("  data %s", held_report.describe())
         picked = apply_weight(list(range(report.kept)), source.weight, seed + index)
         for column, values in rows.items():
             prepared.train.setdefault(column, []).extend(values[i] for i in picked)
     return prepared
+
+
+def as_kind(examples: Sequence[Example], kind: DataKind, plugins: AlignPluginManager, dataset: str) -> list[Example]:
+    """``examples`` as rows of ``kind``: kept, converted, or refused with what the dataset holds instead."""
+    found: list[Example] = []
+    for example in examples:
+        if kind.holds(example):
+            found.append(example)
+            continue
+        converted = kind.convert(example)
+        if converted is None:
+            kinds = {name: entry.obj for name, entry in plugins.registry("data kind").items()}
+            held = kind_of(example, kinds)
+            raise AlignError(
+                f"dataset '{dataset}' holds {held}, but this stage trains on {kind.name} ({kind.help})",
+                hint="for an alpaca or sharegpt file, `ranking: true` in its registry entry marks preference pairs "
+                "and a `kto_tag` column unpaired feedback; `align plugins` lists the data kinds",
+            )
+        found += converted
+    return found
 
 
 def load_prompts(
@@ -115,10 +135,12 @@ def load_prompts(
     dataset_dir: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
 ) -> list[list[dict[str, Any]]]:
-    """The prompts of ``data``: prompt-only rows as they are, conversations without their last reply,
-    and the shared prompt of preference pairs. Each source's ``weight`` and ``num_samples`` apply."""
+    """The prompts of ``data`` (the ``prompts`` data kind): prompt-only rows as they are, conversations
+    without their last reply, and the shared prompt of preference pairs. Each source's ``weight`` and
+    ``num_samples`` apply."""
     from align.data import dataset_dirs
 
+    kind: DataKind = plugins.get("data kind", PROMPTS)
     formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
     prompts: list[list[dict[str, Any]]] = []
     for index, source in enumerate(sources(data)):
@@ -127,5 +149,7 @@ def load_prompts(
             entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=True
         )
         logger.info("  prompts %s", loaded.describe())
-        prompts += apply_weight([e.prompt for e in examples], source.weight, index)
+        prompts += apply_weight(
+            [e.messages for e in as_kind(examples, kind, plugins, entry.name)], source.weight, index
+        )
     return prompts

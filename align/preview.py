@@ -28,9 +28,9 @@ def preview(
     """Render ``count`` rows of ``dataset`` and the counts for all of it, as text."""
     from transformers import AutoTokenizer
 
-    from align.recipe import _validate_model
+    from align.recipe import validate_model
 
-    spec = _validate_model(model, plugins)
+    spec = validate_model(model, plugins)
     path = plugins.get("model source", spec.source).materialize(spec.config, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     renderer = Renderer(tokenizer, max_length)

@@ -32,7 +32,7 @@ from align.errors import AlignError
 from align.peft_method import PeftChoice
 from align.plugin_manager import AlignPluginManager
 from align.schema import build, did_you_mean, reject_unknown_keys, to_plain
-from align.stage import BASE, Stage
+from align.stage import BASE, Input, Stage
 
 TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir", "dataset_dir")
 
@@ -55,7 +55,7 @@ class StageSpec:
     name: str
     plugin: str
     stage: Stage
-    inputs: dict[str, str]  #: role → ``base`` or the name of an earlier stage
+    inputs: dict[str, str | list[str]]  #: role → ``base`` or an earlier stage (a list for ``pick="all"``)
     config: Any  #: an instance of ``stage.Config``
     peft: PeftChoice | None = None  #: the validated ``peft`` setting, for stages that have one
     passthrough: dict[str, Any] = field(default_factory=dict)  #: trainer options align does not name
@@ -96,9 +96,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str], pm: AlignPluginManag
     path = Path(path)
     raw = read_yaml(path)
     apply_overrides(raw, overrides)
-    recipe = validate_recipe(raw, pm)
-    recipe.path = path
-    return recipe
+    return validate_recipe(raw, pm, path)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -148,8 +146,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
         node[leaf] = value
 
 
-def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
-    """Check a recipe's plain data against the plugins' schemas and build the :class:`Recipe`."""
+def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager, path: Path | None = None) -> Recipe:
+    """Check a recipe's plain data against the plugins' schemas and build the :class:`Recipe`.
+
+    Then each stage checks its settings against the registries (:meth:`Stage.check`) and plugins see the
+    recipe (``align_recipe_loaded``), so that every mistake is found before any stage runs.
+    """
     reject_unknown_keys(raw, TOP_LEVEL_KEYS, "")
     if "model" not in raw:
         raise AlignError("the recipe has no `model:`", hint="e.g. `model: tiny-llama`, a local folder, or a hub id")
@@ -175,17 +177,24 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager) -> Recipe:
     _reject_unused_defaults(defaults, stages.values())
     backend = build(Backend, raw.get("backend"), "backend")
     check_hardware(backend)
-    return Recipe(
-        model=_validate_model(raw["model"], pm),
+    recipe = Recipe(
+        model=validate_model(raw["model"], pm),
         backend=backend,
         stages=stages,
         defaults=dict(defaults),
         run_dir=raw.get("run_dir"),
         dataset_dir=dataset_dir,
+        path=path,
     )
+    for spec in stages.values():
+        spec.stage.check(spec.config, recipe, pm)
+    pm.hook.align_recipe_loaded(recipe=recipe, plugins=pm)
+    return recipe
 
 
-def _validate_model(value: Any, pm: AlignPluginManager) -> ModelSpec:
+def validate_model(value: Any, pm: AlignPluginManager) -> ModelSpec:
+    """A recipe's ``model:`` value (a source name, a mapping with ``source:``, a folder or a hub id) checked
+    against the registered model sources."""
     sources = pm.registry("model source")
     if isinstance(value, str):
         if value in sources:
@@ -250,12 +259,12 @@ def _passthrough(stage: Stage, unknown: dict[str, Any], path: str) -> dict[str, 
     if not unknown:
         return {}
     known = ["plugin", *stage.inputs, *(f.name for f in dataclasses.fields(stage.Config))]
-    if stage.passthrough is None:
+    trainer_config = stage.passthrough_class()
+    if trainer_config is None:
         reject_unknown_keys(unknown, known, path)
-    import importlib
-
-    module, _, name = stage.passthrough.partition(":")  # type: ignore[union-attr]
-    trainer_fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    assert trainer_config is not None  # reject_unknown_keys raised otherwise
+    name = trainer_config.__name__
+    trainer_fields = [f.name for f in dataclasses.fields(trainer_config)]
     for key in unknown:
         if key not in trainer_fields:
             raise AlignError(
@@ -277,21 +286,54 @@ def _validate_peft(value: Any, path: str, pm: AlignPluginManager) -> PeftChoice:
 
 def _resolve_input(
     name: str, role: str, given: Any, stage: Stage, all_stages: Mapping[str, Any], earlier: Mapping[str, StageSpec]
-) -> str | None:
+) -> str | list[str] | None:
+    """Where input ``role`` of stage ``name`` comes from: what the recipe says, else the role's default."""
     path = f"stages.{name}.{role}"
+    spec = stage.inputs[role]
     if given is None:
-        for candidate in stage.inputs[role].default:
-            if candidate == BASE or candidate in earlier:
-                return candidate
-        if stage.inputs[role].optional:
-            return None
-        raise AlignError(
-            f"'{path}' is required: {stage.inputs[role].help}",
-            hint=f"point it at an earlier stage (`{role}: STAGE`) or at `{BASE}`",
-        )
+        return _default_input(path, spec, earlier)
+    if spec.pick == "all" and isinstance(given, list):
+        return [_named_input(path, role, item, spec, name, all_stages, earlier) for item in given]
+    return _named_input(path, role, given, spec, name, all_stages, earlier)
+
+
+def _default_input(path: str, spec: Input, earlier: Mapping[str, StageSpec]) -> str | list[str] | None:
+    producers = [n for n, s in earlier.items() if spec.artifact is not None and s.stage.produces == spec.artifact]
+    if producers:
+        return producers if spec.pick == "all" else producers[-1 if spec.pick == "last" else 0]
+    for candidate in spec.default:
+        if candidate == BASE or candidate in earlier:
+            return [candidate] if spec.pick == "all" else candidate
+    if spec.optional:
+        return None
+    raise AlignError(
+        f"'{path}' is required: {spec.help}",
+        hint=f"point it at an earlier stage (`{path.rsplit('.', 1)[1]}: STAGE`) or at `{BASE}`",
+    )
+
+
+def _named_input(
+    path: str,
+    role: str,
+    given: Any,
+    spec: Input,
+    name: str,
+    all_stages: Mapping[str, Any],
+    earlier: Mapping[str, StageSpec],
+) -> str:
     if not isinstance(given, str):
-        raise AlignError(f"'{path}' must name an earlier stage or `{BASE}`; got {given!r}")
-    if given == BASE or given in earlier:
+        wanted = "an earlier stage, a list of them," if spec.pick == "all" else "an earlier stage"
+        raise AlignError(f"'{path}' must name {wanted} or `{BASE}`; got {given!r}")
+    if given in earlier:
+        produces = earlier[given].stage.produces
+        if spec.artifact and produces and produces != spec.artifact:
+            raise AlignError(
+                f"'{path}': stage '{given}' produces a {produces}, but the {role} must be a {spec.artifact}",
+                hint=f"stages producing a {spec.artifact}: "
+                + (", ".join(n for n, s in earlier.items() if s.stage.produces == spec.artifact) or "none yet"),
+            )
+        return given
+    if given == BASE:
         return given
     if given == name:
         raise AlignError(f"'{path}': stage '{name}' cannot take its own output as input (a cycle)")
@@ -315,7 +357,8 @@ def _cycle_through(start: str, first: str, all_stages: Mapping[str, Any]) -> lis
     def references(name: str) -> list[str]:
         entry = all_stages.get(name)
         values = entry.values() if isinstance(entry, Mapping) else ()
-        return [v for v in values if isinstance(v, str) and v in all_stages]
+        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        return [v for v in flat if isinstance(v, str) and v in all_stages]
 
     chains = [[start, first]]
     while chains:

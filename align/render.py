@@ -97,10 +97,10 @@ class Renderer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ SFT
-    def sft(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
+    def sft(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
         """``{"input_ids", "labels"}`` for each example that fits, and the report."""
         report = RenderReport(name, rows=len(examples))
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
         for begin in range(0, len(examples), BATCH):
             batch = examples[begin : begin + BATCH]
             rendered = [self.text_and_spans(e) for e in batch]
@@ -120,7 +120,7 @@ class Renderer:
                 self._keep(out, ids, labels, report)
         return out, report
 
-    def _keep(self, out: dict[str, list[list[int]]], ids: list[int], labels: list[int], report: RenderReport) -> None:
+    def _keep(self, out: dict[str, list[Any]], ids: list[int], labels: list[int], report: RenderReport) -> None:
         trained = sum(1 for label in labels if label != IGNORE)
         if trained == 0:
             report.dropped["no_trained_tokens"] += 1
@@ -149,31 +149,49 @@ class Renderer:
                 report.history_truncated += 1
                 return encoded["input_ids"], _labels(encoded["input_ids"], encoded["offset_mapping"], spans)
 
-    # ------------------------------------------------------------------ preference
-    def preference(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[list[int]]], RenderReport]:
+    # ------------------------------------------------------------------ preference and feedback
+    def preference(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
         """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (replies only) per pair."""
         report = RenderReport(name, rows=len(examples))
-        out: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        out: dict[str, list[Any]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
         for example in examples:
-            pair = self._pair(example)
-            if pair is None:
-                report.dropped["too_long"] += 1
+            assert example.chosen is not None and example.rejected is not None  # Example.validate
+            rendered = self._prompt_and_replies(example.messages, [example.chosen, example.rejected], example, report)
+            if rendered is None:
                 continue
-            prompt, chosen, rejected, truncated = pair
-            if not chosen or not rejected:
-                report.dropped["no_trained_tokens"] += 1
-                continue
-            report.history_truncated += truncated
+            prompt, (chosen, rejected) = rendered
             out["prompt_ids"].append(prompt)
             out["chosen_ids"].append(chosen)
             out["rejected_ids"].append(rejected)
-            report.kept += 1
             report.tokens += len(prompt) * 2 + len(chosen) + len(rejected)
             report.trained_tokens += len(chosen) + len(rejected)
         return out, report
 
-    def _pair(self, example: Example) -> tuple[list[int], list[int], list[int], bool] | None:
-        messages = list(example.messages)
+    def feedback(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
+        """``prompt_ids``, ``completion_ids`` (the final reply) and ``label`` (desirable or not) per row."""
+        report = RenderReport(name, rows=len(examples))
+        out: dict[str, list[Any]] = {"prompt_ids": [], "completion_ids": [], "label": []}
+        for example in examples:
+            rendered = self._prompt_and_replies(example.messages[:-1], [example.messages[-1]], example, report)
+            if rendered is None:
+                continue
+            prompt, (completion,) = rendered
+            out["prompt_ids"].append(prompt)
+            out["completion_ids"].append(completion)
+            out["label"].append(bool(example.label))
+            report.tokens += len(prompt) + len(completion)
+            report.trained_tokens += len(completion)
+        return out, report
+
+    def _prompt_and_replies(
+        self,
+        prompt: Sequence[dict[str, Any]],
+        replies: Sequence[dict[str, Any]],
+        example: Example,
+        report: RenderReport,
+    ) -> tuple[list[int], list[list[int]]] | None:
+        """The prompt's ids and each reply's, history cut to fit max_length; None (and counted) if it never fits."""
+        messages = list(prompt)
         system = messages[:1] if messages[0]["role"] == "system" else []
         dialogue = messages[len(system) :]
         truncated = False
@@ -181,20 +199,42 @@ class Renderer:
             prompt_messages = system + dialogue
             prompt_text = self.text(prompt_messages, example.tools, generation_prompt=True)
             prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            replies = []
-            for reply in (example.chosen, example.rejected):
-                assert reply is not None  # a preference example has both replies (Example.validate)
+            reply_ids = []
+            for reply in replies:
                 full = self.text([*prompt_messages, reply], example.tools)
                 if not full.startswith(prompt_text):
                     raise AlignError("the chat template renders a reply's prompt differently from the prompt alone")
                 end = self._end_of_reply(full, len(prompt_text), len(full))
-                replies.append(self.tokenizer(full[len(prompt_text) : end], add_special_tokens=False)["input_ids"])
-            if len(prompt_ids) + max(len(r) for r in replies) <= self.max_length:
-                return prompt_ids, replies[0], replies[1], truncated
+                reply_ids.append(self.tokenizer(full[len(prompt_text) : end], add_special_tokens=False)["input_ids"])
+            if len(prompt_ids) + max(len(r) for r in reply_ids) <= self.max_length:
+                break
             users = [i for i, m in enumerate(dialogue) if m["role"] == "user"]
             if len(users) < 2:
+                report.dropped["too_long"] += 1
                 return None
             dialogue, truncated = dialogue[users[1] :], True
+        if not all(reply_ids):
+            report.dropped["no_trained_tokens"] += 1
+            return None
+        report.kept += 1
+        report.history_truncated += truncated
+        return prompt_ids, reply_ids
+
+    # ------------------------------------------------------------------ prompts
+    def prompts(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
+        """``prompt_ids`` (ending with the cue for the reply) and the row's other ``columns``, per prompt."""
+        report = RenderReport(name, rows=len(examples))
+        out: dict[str, list[Any]] = {"prompt_ids": [], "columns": []}
+        for example in examples:
+            ids = self.prompt_ids(example.messages, example.tools)
+            if len(ids) > self.max_length:
+                report.dropped["too_long"] += 1
+                continue
+            out["prompt_ids"].append(ids)
+            out["columns"].append(dict(example.columns))
+            report.kept += 1
+            report.tokens += len(ids)
+        return out, report
 
 
 def _labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:

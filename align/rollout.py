@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from align.plugin_manager import AlignPluginManager
+
+__all__ = ["RolloutEngine", "RolloutSession", "Sampling", "engine_named"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,15 @@ class RolloutSession:
 
 
 class RolloutEngine:
-    """Base class for rollout-engine plugins; ``Config`` holds engine-specific settings."""
+    """Base class for rollout-engine plugins; ``Config`` holds engine-specific settings.
+
+    ``fallback = True`` offers the engine for settings that name none (task scores, evaluation); when
+    several do, the first by name serves.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    fallback: ClassVar[bool] = False
 
     def check(self, config: Any) -> None:
         """Refuse, with an :class:`~align.AlignError`, what this machine cannot run (at recipe check)."""
@@ -50,3 +62,17 @@ class RolloutEngine:
     def start(self, model: Any, model_path: str, tokenizer: Any, config: Any) -> RolloutSession:
         """Start a session generating from ``model`` (whose weights were loaded from ``model_path``)."""
         raise NotImplementedError
+
+
+def engine_named(plugins: AlignPluginManager, name: str | None) -> RolloutEngine:
+    """The engine ``name`` names, or for ``None`` the registered fallback engine (see :class:`RolloutEngine`)."""
+    if name is not None:
+        return plugins.get("rollout engine", name)  # type: ignore[no-any-return]
+    registry = plugins.registry("rollout engine")
+    fallbacks = sorted(n for n, entry in registry.items() if entry.obj.fallback)
+    if not fallbacks:
+        raise AlignError(
+            "no installed rollout engine offers itself as the default, and the settings name none",
+            hint=f"name one with `engine:` (installed: {', '.join(sorted(registry)) or 'none'})",
+        )
+    return registry[fallbacks[0]].obj  # type: ignore[no-any-return]

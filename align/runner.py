@@ -48,6 +48,8 @@ from align.stage import BASE, Artifact, StageContext, StageOutcome
 
 logger = logging.getLogger("align")
 
+Inputs = Artifact | list[Artifact]  # one role's input: one artifact, or several for a role with pick="all"
+
 
 @hookimpl(trylast=True)
 def align_run_stage(context: StageContext) -> Mapping[str, float]:
@@ -141,7 +143,6 @@ class _Runner:
         self.source = pm.get("model source", recipe.model.source)
 
     def run_all(self) -> None:
-        self.pm.hook.align_recipe_loaded(recipe=self.recipe)
         self.summary.write()
         total = len(self.recipe.stages)
         for index, spec in enumerate(self.recipe.stages.values(), start=1):
@@ -156,7 +157,10 @@ class _Runner:
         context: StageContext | None = None
         started = time.perf_counter()
         try:
-            inputs = {role: self.artifact(producer) for role, producer in spec.inputs.items()}
+            inputs = {
+                role: [self.artifact(p) for p in producer] if isinstance(producer, list) else self.artifact(producer)
+                for role, producer in spec.inputs.items()
+            }
             data_files = self.data_hashes(spec)  # once: hashing large files twice is wasted I/O
             fp = self.fingerprint(spec, inputs, data_files)
             final_dir = self.run_dir / spec.name
@@ -223,7 +227,13 @@ class _Runner:
             "fingerprint": fp,
             "artifact_id": fingerprint([fp, time.time_ns()]),
             "settings": spec.to_plain(),
-            "inputs": {role: {"producer": a.producer, "id": a.fingerprint} for role, a in context.inputs.items()},
+            "inputs": {
+                **{role: {"producer": a.producer, "id": a.fingerprint} for role, a in context.inputs.items()},
+                **{
+                    role: [{"producer": a.producer, "id": a.fingerprint} for a in group]
+                    for role, group in context.input_groups.items()
+                },
+            },
             "data_files": dict(data_files),
             "base_model": self.recipe.model.to_plain(),
             "tokenizer": tokenizer_identity(context.output_dir),
@@ -249,13 +259,16 @@ class _Runner:
             self.artifacts[BASE] = Artifact(BASE, self.source.fingerprint(config), materialize=materialize)
         return self.artifacts[producer]
 
-    def fingerprint(self, spec: StageSpec, inputs: Mapping[str, Artifact], data_files: Mapping[str, str]) -> str:
+    def fingerprint(self, spec: StageSpec, inputs: Mapping[str, Inputs], data_files: Mapping[str, str]) -> str:
         return fingerprint(
             {
                 "plugin": spec.plugin,
                 "plugin_version": spec.stage.version,
                 "settings": spec.to_plain(),
-                "inputs": {role: artifact.fingerprint for role, artifact in inputs.items()},
+                "inputs": {
+                    role: [a.fingerprint for a in found] if isinstance(found, list) else found.fingerprint
+                    for role, found in inputs.items()
+                },
                 "data_files": dict(data_files),
                 "backend": to_plain(self.recipe.backend),
             }
@@ -272,7 +285,8 @@ class _Runner:
 
     def check_tokenizers_agree(self, context: StageContext) -> None:
         seen: dict[str, tuple[str, Any]] = {}
-        for role, artifact in context.inputs.items():
+        every = [*context.inputs.items(), *((role, a) for role, group in context.input_groups.items() for a in group)]
+        for role, artifact in every:
             identity = artifact.tokenizer
             if identity is None:
                 continue
@@ -285,12 +299,13 @@ class _Runner:
                     )
             seen[role] = (artifact.producer, identity)
 
-    def context(self, spec: StageSpec, inputs: Mapping[str, Artifact], work_dir: Path) -> StageContext:
+    def context(self, spec: StageSpec, inputs: Mapping[str, Inputs], work_dir: Path) -> StageContext:
         return StageContext(
             name=spec.name,
             stage=spec.stage,
             config=spec.config,
-            inputs=inputs,
+            inputs={role: found for role, found in inputs.items() if not isinstance(found, list)},
+            input_groups={role: found for role, found in inputs.items() if isinstance(found, list)},
             output_dir=work_dir,
             run_dir=self.run_dir,
             recipe=self.recipe,

@@ -27,20 +27,43 @@ if TYPE_CHECKING:
 BASE = "base"
 
 
+#: The kinds of artifact the built-in stages produce; a plugin may name others.
+POLICY, REWARD_MODEL = "policy", "reward_model"
+
+
 @dataclass(frozen=True)
 class Input:
     """An artifact a stage consumes, by role (``policy``, ``reward_model``, …).
 
+    Where it comes from when the recipe does not say is decided by capability, not by stage name: with
+    ``artifact="policy"`` the input is the latest earlier stage whose plugin ``produces`` a policy (or the
+    first, or all of them, by ``pick``), and only when the recipe has none do the names in ``default``
+    apply (``base``, the recipe's model, or a stage name).
+
     :param help: what the stage does with it.
-    :param default: where it comes from when the recipe does not say: the first of these names that is
-        an earlier stage of the recipe, else ``base`` when listed. ``("sft", "base")`` reads "the sft
-        stage's output if the recipe has one, otherwise the base model".
+    :param artifact: the kind of artifact it takes (:data:`POLICY`, :data:`REWARD_MODEL`, or a plugin's
+        own); a recipe that points the role at a stage producing another kind is refused.
+    :param pick: which of several producing stages: the ``last`` (default), the ``first``, or ``all`` of
+        them (the role then takes a list, found in ``context.input_groups``).
+    :param default: fallbacks when no earlier stage produces ``artifact``: the first of these names that
+        is an earlier stage, else ``base`` when listed.
     :param optional: the stage can do without it (``context.inputs`` then lacks the role).
     """
 
     help: str
+    artifact: str | None = None
+    pick: Literal["last", "first", "all"] = "last"
     default: tuple[str, ...] = (BASE,)
     optional: bool = False  #: when no default applies and the recipe names none, the input is absent
+
+    def describe_default(self) -> str:
+        """The default in words, for ``align explain``."""
+        found = []
+        if self.artifact:
+            which = {"last": "the latest", "first": "the first", "all": "every"}[self.pick]
+            found.append(f"{which} earlier stage producing a {self.artifact}")
+        found += list(self.default)
+        return " or ".join(found) or "none"
 
 
 class Artifact:
@@ -86,13 +109,15 @@ class Artifact:
 
 
 class Stage:
-    """Base class for stage plugins; see ``examples/align-example-plugin`` for a complete one.
+    """Base class for stage plugins; see ``docs/plugins.md`` and ``examples/align-wise-ft``.
 
     Class attributes a subclass sets:
 
     * ``name``: the plugin name recipes use (``plugin: sft``).
     * ``Config``: a dataclass of the stage's settings, fields declared with :func:`align.schema.setting`.
     * ``inputs``: role → :class:`Input`. A recipe points a role at an earlier stage (``policy: sft``).
+    * ``produces``: the kind of artifact its output is (:data:`POLICY`, :data:`REWARD_MODEL`, …), or
+      ``None``; later stages' inputs find their defaults by it.
     * ``version``: bump it when a change of the stage's code should invalidate cached outputs.
     * ``passthrough``: ``"module:Class"`` of a dataclass (a TRL config) whose fields a recipe may also set
       on this stage; they reach the stage as ``context.passthrough``, so a new trainer option works without
@@ -102,12 +127,34 @@ class Stage:
     name: ClassVar[str]
     Config: ClassVar[type]
     inputs: ClassVar[Mapping[str, Input]] = {}
+    produces: ClassVar[str | None] = None
     version: ClassVar[str] = "1"
     passthrough: ClassVar[str | None] = None
 
     def data_files(self, config: Any, recipe: Recipe) -> Sequence[Path]:
         """The files the stage will read, hashed into its fingerprint so that edited data reruns it."""
         return []
+
+    def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
+        """Refuse, with an :class:`~align.AlignError`, settings that cannot work, before any stage runs.
+
+        Called when the recipe is loaded (``align config`` and ``align run``), after every stage's settings
+        were validated against its ``Config``: the place to check names against the registries (a reward
+        function, an engine, a data kind) so that a typo stops the run before earlier stages train.
+        """
+
+    def facts(self) -> list[str]:
+        """Lines ``align explain`` prints under the stage's description (what it takes and produces)."""
+        return [f"produces: a {self.produces}"] if self.produces else []
+
+    def passthrough_class(self) -> type | None:
+        """The dataclass whose fields a recipe may also set on this stage (see ``passthrough``)."""
+        if self.passthrough is None:
+            return None
+        import importlib
+
+        module, _, name = self.passthrough.partition(":")
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         """Do the work: write the artifact into ``context.output_dir`` and return headline metrics.
@@ -125,7 +172,7 @@ class StageContext:
     name: str  #: the stage's name in the recipe
     stage: Stage  #: the plugin object
     config: Any  #: the validated ``stage.Config`` instance
-    inputs: Mapping[str, Artifact]  #: role → artifact
+    inputs: Mapping[str, Artifact]  #: role → artifact, for roles that take one
     output_dir: Path  #: where the stage writes its artifact (a work folder, published on success)
     run_dir: Path
     recipe: Recipe
@@ -133,6 +180,7 @@ class StageContext:
     logger: logging.Logger
     peft: PeftChoice | None = None  #: the validated ``peft`` setting, for stages that have one
     passthrough: Mapping[str, Any] = field(default_factory=dict)  #: settings for the trainer's own config
+    input_groups: Mapping[str, list[Artifact]] = field(default_factory=dict)  #: roles with ``pick="all"``
 
     @property
     def metrics_file(self) -> Path:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from align.data import DataSource
-from align.rollout import Sampling
+from align.rollout import Sampling, engine_named
 from align.schema import setting
+
+if TYPE_CHECKING:
+    from align.plugin_manager import AlignPluginManager
+
+__all__ = ["ScoreSettings", "check_score", "score_setting", "task_score"]
 
 
 @dataclass
@@ -25,6 +30,9 @@ class ScoreSettings:
     max_new_tokens: int = setting(48, help="Longest response.")
     temperature: float = setting(0.7, help="Sampling temperature; 0 answers greedily.")
     seed: int = setting(0, help="Sampling seed: the same policy gets the same score twice.")
+    engine: str | None = setting(
+        None, help="The rollout engine that answers (default: the engine installed as the fallback)."
+    )
 
 
 def score_setting() -> Any:
@@ -35,8 +43,15 @@ def score_setting() -> Any:
     )
 
 
+def check_score(settings: ScoreSettings | None, plugins: AlignPluginManager) -> None:
+    """Refuse a ``score:`` setting naming a reward function or engine that no plugin provides."""
+    if settings is not None:
+        plugins.get("reward function", settings.reward_function)
+        engine_named(plugins, settings.engine)
+
+
 def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any) -> dict[str, float]:
-    """Generate with the ``hf`` engine for ``samples`` prompts and average the rule's scores."""
+    """Generate answers to ``samples`` prompts and average the rule's scores."""
     from align.prepare import load_prompts
     from align.render import Renderer
 
@@ -45,7 +60,7 @@ def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any
     prompts = load_prompts(settings.prompts, plugins, dataset_dir=context.recipe.dataset_dir)[: settings.samples]
     renderer = Renderer(tokenizer, max_length=1 << 30)
     prompt_ids = [renderer.prompt_ids(p) for p in prompts]
-    engine = plugins.get("rollout engine", "hf")
+    engine = engine_named(plugins, settings.engine)
     session = engine.start(model, "", tokenizer, engine.Config())
     sampling = Sampling(
         max_new_tokens=settings.max_new_tokens,

@@ -1,8 +1,15 @@
-"""What every TRL-based stage shares: its trainer's settings, model loading, the training run, saving.
+"""The toolkit for stages that wrap a TRL trainer: :class:`TRLStage`, and the steps it is made of.
 
-A stage reads top to bottom: prepare data, :func:`load_for_training`, :func:`trainer_config`, build its
-TRL trainer, :func:`train`, :func:`save`. This module supplies those steps, so the backend, PEFT,
-checkpoint resumption, the NaN guard, metrics and TensorBoard behave the same in every stage.
+A stage on a TRL trainer is its trainer and config classes, the data kind it takes, its own settings and
+the metrics it reports; :class:`TRLStage` does the rest the same way for every such stage: tokenizer, data
+preparation and its report, PEFT, backend arguments, callbacks, the NaN guard, resuming from the last
+checkpoint, held-out evaluation, ``score:`` and saving. ``sft``, ``rm``, ``dpo``, ``kto``, ``orpo`` and
+``simpo`` are each a short subclass. A stage that needs another order can call the steps itself:
+:func:`load_tokenizer`, :func:`prepare_data`, :func:`trainer_config`, :func:`load_for_training`,
+:func:`train`, :func:`save`.
+
+TRL's classes are found by name through :func:`trl_class`, the one place that knows which of them live
+in ``trl.experimental``: when TRL moves one, this is what changes.
 """
 
 from __future__ import annotations
@@ -16,19 +23,71 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
 from align.backend import is_main_process, join_process_group, trainer_arguments
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
+from align.kinds import CONVERSATIONS
 from align.models import Kind, load_model
 from align.peft_method import peft_setting
-from align.prepare import Prepared, prepare
+from align.prepare import Prepared, data_files, prepare
 from align.render import Renderer, read_chat_template
 from align.schema import setting
-from align.stage import StageContext
+from align.stage import BASE, POLICY, Input, Stage, StageContext
+from align.task_score import ScoreSettings, check_score, score_setting
+
+if TYPE_CHECKING:
+    from align.plugin_manager import AlignPluginManager
+    from align.recipe import Recipe
+
+__all__ = [
+    "CHECKPOINTS",
+    "PolicyTrainingSettings",
+    "TRLStage",
+    "TrainingSettings",
+    "common_arguments",
+    "last_checkpoint",
+    "load_for_training",
+    "load_tokenizer",
+    "prepare_data",
+    "save",
+    "train",
+    "trainer_config",
+    "trl_class",
+]
 
 logger = logging.getLogger("align")
 
 CHECKPOINTS = "checkpoints"
+
+#: Where TRL keeps the classes that are not in its top-level namespace (checked with trl 1.16).
+TRL_EXPERIMENTAL = {
+    "CPOConfig": "trl.experimental.cpo",
+    "CPOTrainer": "trl.experimental.cpo",
+    "ORPOConfig": "trl.experimental.orpo",
+    "ORPOTrainer": "trl.experimental.orpo",
+}
+
+
+def trl_class(name: str) -> type:
+    """One of TRL's trainer or config classes by name, wherever this TRL keeps it."""
+    import importlib
+
+    import trl
+
+    module = TRL_EXPERIMENTAL.get(name)
+    try:
+        found = getattr(importlib.import_module(module), name) if module else getattr(trl, name)
+    except (ImportError, AttributeError):
+        where = f"{module}.{name}" if module else f"trl.{name}"
+        raise AlignError(
+            f"the installed TRL ({trl.__version__}) has no {where}",
+            hint="align is tested with the TRL of constraints.txt; install that version, or update "
+            "align.training.TRL_EXPERIMENTAL if TRL moved the class",
+        ) from None
+    return found  # type: ignore[no-any-return]
 
 
 def load_tokenizer(context: StageContext, role: str = "policy") -> Any:
@@ -104,7 +163,7 @@ def save(trainer: Any, tokenizer: Any, context: StageContext) -> None:
         (context.output_dir / "training_args.bin").unlink(missing_ok=True)
 
 
-def write_data_report(context: StageContext, report: dict[str, Any]) -> None:
+def _write_data_report(context: StageContext, report: dict[str, Any]) -> None:
     if is_main_process():
         path = context.run_dir / "logs" / f"{context.name}.data.json"
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -117,7 +176,7 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def loss_metrics(trainer: Any, result: Any) -> dict[str, float]:
+def _loss_metrics(trainer: Any, result: Any) -> dict[str, float]:
     """Mean training loss, steps, and the first and last logged loss (to see whether it fell)."""
     metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
@@ -126,13 +185,29 @@ def loss_metrics(trainer: Any, result: Any) -> dict[str, float]:
     return metrics
 
 
-def final_metrics(trainer: Any, names: dict[str, str]) -> dict[str, float]:
-    """The last logged value of each metric in ``names`` (logged name → reported name)."""
+def _last_logged(trainer: Any, names: Mapping[str, str]) -> dict[str, float]:
+    """``train_<name>``: the last logged value of each metric in ``names`` (logged name → align's name)."""
     found: dict[str, float] = {}
     for record in trainer.state.log_history:
         for logged, reported in names.items():
             if logged in record:
-                found[reported] = record[logged]
+                found[f"train_{reported}"] = float(record[logged])
+    return found
+
+
+def _held_out(evaluated: Mapping[str, Any], datasets: Sequence[str], names: Mapping[str, str]) -> dict[str, float]:
+    """``eval_<dataset>_<name>`` from ``trainer.evaluate()`` on several datasets, and ``eval_<name>``, their mean."""
+    found: dict[str, float] = {}
+    names = {"loss": "loss", **names}
+    for dataset in datasets:
+        for logged, reported in names.items():
+            key = f"eval_{dataset}_{logged}"
+            if key in evaluated:
+                found[f"eval_{dataset}_{reported}"] = float(evaluated[key])
+    for reported in names.values():
+        values = [found[f"eval_{d}_{reported}"] for d in datasets if f"eval_{d}_{reported}" in found]
+        if values:
+            found[f"eval_{reported}"] = sum(values) / len(values)
     return found
 
 
@@ -239,10 +314,9 @@ def common_arguments(config: TrainingSettings, has_held_out: bool) -> dict[str, 
     }
 
 
-def prepare_data(
-    context: StageContext, tokenizer: Any, kind: Literal["sft", "preference"], default_eval_size: float = 0.0
-) -> Prepared:
-    """Load, render and count the stage's data (see :mod:`align.prepare`), and write its report."""
+def prepare_data(context: StageContext, tokenizer: Any, kind: str, default_eval_size: float = 0.0) -> Prepared:
+    """Load, render and count the stage's data as rows of the data kind ``kind`` (see :mod:`align.prepare`),
+    and write its report to ``logs/<stage>.data.json``."""
     config: TrainingSettings = context.config
     renderer = Renderer(tokenizer, config.max_length, read_chat_template(config.chat_template))
     prepared = prepare(
@@ -255,5 +329,114 @@ def prepare_data(
         seed=config.seed,
         default_eval_size=default_eval_size,
     )
-    write_data_report(context, prepared.summary())
+    _write_data_report(context, prepared.summary())
     return prepared
+
+
+@dataclass
+class PolicyTrainingSettings(TrainingSettings):
+    """:class:`TrainingSettings` plus ``score:``, for stages whose output is a policy."""
+
+    score: ScoreSettings | None = score_setting()
+
+
+class TRLStage(Stage):
+    """Base class for stages that wrap a TRL trainer. A subclass declares, and may override:
+
+    * ``trainer``, ``trainer_config``: the names of TRL's classes (``"KTOTrainer"``, ``"KTOConfig"``), found
+      by :func:`trl_class`. The config's fields are also the stage's pass-through settings.
+    * ``data_kind``: the data kind it trains on (``conversations``, ``preferences``, ``feedback``, …).
+    * ``Config``: its settings, a dataclass extending :class:`TrainingSettings` (or
+      :class:`PolicyTrainingSettings` for a policy, which adds ``score:``).
+    * ``metrics``: TRL's logged name → align's name, reported as ``train_<name>`` (last logged),
+      ``eval_<dataset>_<name>`` and ``eval_<name>`` (held out, per dataset and their mean).
+    * ``model_kind``: ``causal`` (a policy) or ``reward`` (a one-output sequence classifier).
+    * ``reference``: hand the trainer a frozen reference (``ref_model``): the input policy, or, for a PEFT
+      adapter, ``None`` so that TRL switches the adapter off instead of holding a second copy.
+    * :meth:`trainer_settings`: the TRL config arguments its own settings map to.
+    * :meth:`dataset`: the trainer's columns from the data kind's rendered ones (as they are by default).
+    * :meth:`trainer_class`: the trainer class, subclassed where TRL would tokenize again.
+    * :meth:`extra_metrics`: anything else it reports.
+
+    Held-out evaluation uses each dataset's ``eval_size`` and, for datasets that set none, the stage's
+    own ``eval_size`` setting when its ``Config`` has one.
+    """
+
+    trainer: ClassVar[str]
+    trainer_config: ClassVar[str]
+    data_kind: ClassVar[str] = CONVERSATIONS
+    Config: ClassVar[type] = PolicyTrainingSettings
+    metrics: ClassVar[Mapping[str, str]] = {}
+    model_kind: ClassVar[Kind] = "causal"
+    reference: ClassVar[bool] = False
+    produces: ClassVar[str | None] = POLICY
+    inputs: ClassVar[Mapping[str, Input]] = {"policy": Input("the model to train", artifact=POLICY, default=(BASE,))}
+
+    # ---------------------------------------------------------------------------- what a subclass adds
+    def trainer_settings(self, config: Any) -> dict[str, Any]:
+        """TRL config arguments from the stage's own settings (beyond :class:`TrainingSettings`)."""
+        return {}
+
+    def dataset(self, rows: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+        """The trainer's dataset columns from the data kind's rendered columns."""
+        return dict(rows)
+
+    def trainer_class(self) -> type:
+        """The trainer to build; subclass TRL's here to skip its own tokenization of align's token ids."""
+        return trl_class(self.trainer)
+
+    def extra_metrics(self, trainer: Any, data: Prepared, config: Any) -> dict[str, float]:
+        """Metrics beyond the loss, :attr:`metrics` and ``task_score``."""
+        return {}
+
+    # ---------------------------------------------------------------------------- the stage contract
+    def passthrough_class(self) -> type:
+        return trl_class(self.trainer_config)
+
+    def data_files(self, config: Any, recipe: Recipe) -> list[Path]:
+        return data_files(config.data, recipe.dataset_dir)
+
+    def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
+        plugins.get("data kind", self.data_kind)
+        trl_class(self.trainer)
+        check_score(getattr(config, "score", None), plugins)
+
+    def facts(self) -> list[str]:
+        return [
+            f"trains on: {self.data_kind} data; produces: a {self.produces or 'model'}",
+            f"TRL: {self.trainer}; any {self.trainer_config} option is passed through",
+        ]
+
+    def run(self, context: StageContext) -> Mapping[str, float]:
+        from datasets import Dataset
+
+        config = context.config
+        tokenizer = load_tokenizer(context)
+        data = prepare_data(context, tokenizer, self.data_kind, default_eval_size=getattr(config, "eval_size", 0.0))
+        held_out = {name: Dataset.from_dict(self.dataset(rows)) for name, rows in data.held_out.items()}
+        arguments = {**common_arguments(config, bool(held_out)), **self.trainer_settings(config)}
+        args = trainer_config(trl_class(self.trainer_config), context, **arguments)
+        model = load_for_training(context, "policy", self.model_kind)
+        extra: dict[str, Any] = {}
+        if self.reference:  # an adapter's reference is the model with the adapter off: no second copy
+            adapter = hasattr(model, "peft_config")
+            extra["ref_model"] = None if adapter else load_model(context.inputs["policy"].path, self.model_kind)
+        trainer = self.trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict(self.dataset(data.train)),
+            eval_dataset=held_out or None,
+            processing_class=tokenizer,
+            **extra,
+        )
+        metrics = _loss_metrics(trainer, train(trainer, context))
+        metrics.update(_last_logged(trainer, self.metrics))
+        if held_out:
+            metrics.update(_held_out(trainer.evaluate(), list(held_out), self.metrics))
+        metrics.update(self.extra_metrics(trainer, data, config))
+        if getattr(config, "score", None) is not None:
+            from align.task_score import task_score
+
+            metrics.update(task_score(trainer.model, tokenizer, config.score, context))
+        save(trainer, tokenizer, context)
+        return metrics

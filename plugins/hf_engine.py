@@ -74,6 +74,7 @@ class HFEngine(RolloutEngine):
     """transformers ``generate``, batched, on the policy being trained."""
 
     name = "hf"
+    fallback = True  # plain transformers: serves wherever no engine is named
     Config = HFConfig
 
     def start(self, model: Any, model_path: str, tokenizer: Any, config: HFConfig) -> RolloutSession:

@@ -21,6 +21,7 @@ _ROLES = {"Human": "user", "Assistant": "assistant"}
 
 class HH(DatasetFormat):
     name = "hh"
+    kinds = ("preferences", "feedback", "prompts")
     columns = {"chosen": "chosen", "rejected": "rejected"}
 
     def detect(self, row: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from align.dataformat import DatasetFormat
 
 class MTBench(DatasetFormat):
     name = "mt_bench"
+    kinds = ("prompts",)
     columns = {"turns": "turns"}
 
     def detect(self, row: Mapping[str, Any]) -> bool:

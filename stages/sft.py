@@ -9,22 +9,20 @@ dataset's held-out loss is reported on its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from align import hookimpl
-from align.prepare import data_files
+from align.kinds import CONVERSATIONS
+from align.prepare import Prepared
 from align.render import padding_waste
 from align.schema import setting
-from align.stage import Input, Stage, StageContext
-from align.task_score import ScoreSettings, score_setting
-from align.training import TrainingSettings
+from align.stage import BASE, POLICY, Input, Stage
+from align.training import PolicyTrainingSettings, TRLStage
 
 
 @dataclass
-class SFTSettings(TrainingSettings):
+class SFTSettings(PolicyTrainingSettings):
     learning_rate: float = setting(
         2e-5, help="Peak learning rate (TRL's SFT default, 2e-5). Tiny models want far higher rates than real ones."
     )
@@ -33,59 +31,23 @@ class SFTSettings(TrainingSettings):
         help="Pack several conversations into each sequence of max_length tokens "
         "(best-fit, without attention across conversations): less padding, faster epochs.",
     )
-    score: ScoreSettings | None = score_setting()
 
 
-class SFTStage(Stage):
+class SFTStage(TRLStage):
     """Supervised fine-tuning on conversations (TRL SFTTrainer), loss on assistant turns only."""
 
     name = "sft"
     Config = SFTSettings
-    inputs = {"policy": Input("the model to fine-tune", default=("base",))}
+    trainer, trainer_config = "SFTTrainer", "SFTConfig"
+    data_kind = CONVERSATIONS
+    inputs = {"policy": Input("the model to fine-tune", artifact=POLICY, default=(BASE,))}
     version = "3"
-    passthrough = "trl:SFTConfig"
 
-    def data_files(self, config: SFTSettings, recipe: Any) -> list[Path]:
-        return data_files(config.data, recipe.dataset_dir)
+    def trainer_settings(self, config: SFTSettings) -> dict[str, Any]:
+        return {"packing": config.packing}
 
-    def run(self, context: StageContext) -> Mapping[str, float]:
-        from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
-
-        from align.training import (
-            common_arguments,
-            load_for_training,
-            load_tokenizer,
-            loss_metrics,
-            prepare_data,
-            save,
-            train,
-            trainer_config,
-        )
-
-        config: SFTSettings = context.config
-        tokenizer = load_tokenizer(context)
-        data = prepare_data(context, tokenizer, "sft")
-        held_out = {name: Dataset.from_dict(rows) for name, rows in data.held_out.items()}
-
-        args = trainer_config(SFTConfig, context, **common_arguments(config, bool(held_out)), packing=config.packing)
-        trainer = SFTTrainer(
-            model=load_for_training(context, "policy", "causal"),
-            args=args,
-            train_dataset=Dataset.from_dict(data.train),
-            eval_dataset=held_out or None,
-            processing_class=tokenizer,
-        )
-        metrics = loss_metrics(trainer, train(trainer, context))
-        if held_out:
-            metrics.update({k: float(v) for k, v in trainer.evaluate().items() if k.endswith("_loss")})
-        metrics["padding_waste"] = padding_waste([len(i) for i in data.train["input_ids"]], config.batch_size)
-        if config.score is not None:
-            from align.task_score import task_score
-
-            metrics.update(task_score(trainer.model, tokenizer, config.score, context))
-        save(trainer, tokenizer, context)
-        return metrics
+    def extra_metrics(self, trainer: Any, data: Prepared, config: SFTSettings) -> dict[str, float]:
+        return {"padding_waste": padding_waste([len(i) for i in data.train["input_ids"]], config.batch_size)}
 
 
 @hookimpl

@@ -75,7 +75,7 @@ def test_run_dir_defaults_to_runs_slash_recipe_name(write_recipe, tmp_path):
 def test_explain_shows_a_stages_inputs_and_settings():
     result = run_align("explain", "sft")
     assert result.returncode == 0, result.stderr
-    assert "policy  (input; default: base)" in result.stdout
+    assert "policy  (input; default: the latest earlier stage producing a policy or base)" in result.stdout
     assert "learning_rate: float = 2e-05" in result.stdout
 
 

@@ -128,7 +128,7 @@ def test_every_llama_factory_sft_and_preference_entry_loads_and_renders(name, fo
 @needs_external
 @pytest.mark.parametrize(
     ("name", "why"),
-    [("mllm_demo", "multimodal"), ("kto_en_demo", "KTO"), ("wiki_demo", "pre-training"), ("c4_demo", "pre-training")],
+    [("mllm_demo", "multimodal"), ("wiki_demo", "pre-training"), ("c4_demo", "pre-training")],
 )
 def test_llama_factory_entries_align_cannot_train_on_say_why(name, why):
     with pytest.raises(AlignError, match=why):
@@ -478,7 +478,7 @@ def test_held_out_rows_are_a_seeded_fraction_or_count():
 
 def test_a_mixture_is_weighted_and_keeps_each_datasets_held_out_rows_apart(plugins, tokenizer):
     mixture = [DataSource("demo_sft", weight=2.0, eval_size=16), DataSource("demo_sft_sharegpt", weight=0.5)]
-    prepared = prepare(mixture, Renderer(tokenizer, 512), plugins, kind="sft", seed=1)
+    prepared = prepare(mixture, Renderer(tokenizer, 512), plugins, kind="conversations", seed=1)
     assert len(prepared.train["input_ids"]) == 2 * (256 - 16) + 64
     assert list(prepared.held_out) == ["demo_sft"] and len(prepared.held_out["demo_sft"]["input_ids"]) == 16
     summary = prepared.summary()
@@ -486,5 +486,5 @@ def test_a_mixture_is_weighted_and_keeps_each_datasets_held_out_rows_apart(plugi
 
 
 def test_preference_data_in_an_sft_stage_is_an_error_that_says_so(plugins, tokenizer):
-    with pytest.raises(AlignError, match="holds preference pairs, but this stage trains on conversations"):
-        prepare("demo_pref", Renderer(tokenizer, 512), plugins, kind="sft")
+    with pytest.raises(AlignError, match="'demo_pref' holds preferences, but this stage trains on conversations"):
+        prepare("demo_pref", Renderer(tokenizer, 512), plugins, kind="conversations")
