@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+__all__ = ["MANIFEST", "fingerprint", "hash_file", "read_manifest", "tokenizer_identity"]
+
 #: The manifest's file name inside a published artifact folder.
 MANIFEST = "align-manifest.json"
 #: Bumped when the manifest's layout changes incompatibly.

@@ -19,6 +19,8 @@ from typing import Any, Literal
 from align.errors import AlignError
 from align.schema import setting
 
+__all__ = ["Backend", "is_main_process", "join_process_group", "trainer_arguments", "wait_for_everyone"]
+
 #: Set in the processes that ``align run`` launches, so that they run instead of launching again.
 LAUNCHED_ENV = "ALIGN_LAUNCHED"
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["ROLES", "BadRow", "Example", "require_list", "require_str"]
+
 ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -24,6 +24,21 @@ from align.dataformat import DatasetFormat
 from align.errors import AlignError
 from align.schema import did_you_mean, setting
 
+__all__ = [
+    "DataSource",
+    "DatasetEntry",
+    "LoadReport",
+    "apply_weight",
+    "data_setting",
+    "dataset_dirs",
+    "load_examples",
+    "on_bad_row_setting",
+    "read_rows",
+    "resolve",
+    "sources",
+    "split_held_out",
+]
+
 logger = logging.getLogger("align.data")
 
 REGISTRY_FILE = "dataset_info.json"

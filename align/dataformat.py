@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 from align.conversation import Example
 
+__all__ = ["DatasetFormat"]
+
 
 class DatasetFormat:
     """Base class for dataset-format plugins.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+__all__ = ["ModelSource"]
+
 
 class ModelSource:
     """Base class for model-source plugins (registered with ``align_register_model_sources``).

@@ -17,6 +17,8 @@ from typing import Any, Literal
 from align.artifacts import MANIFEST
 from align.errors import AlignError
 
+__all__ = ["Kind", "adapter_base", "export", "is_adapter", "load_model"]
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 Kind = Literal["causal", "reward"]

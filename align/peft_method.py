@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+__all__ = ["PeftChoice", "PeftMethod", "Task", "peft_setting"]
+
 Task = Literal["causal", "reward"]
 
 

@@ -30,6 +30,8 @@ from align import hookspecs
 from align.errors import AlignError
 from align.schema import did_you_mean
 
+__all__ = ["AlignPluginManager", "PluginOrigin", "Registered", "get_plugin_manager"]
+
 #: Set to 1 to load only align's own entry points (third-party packages are ignored).
 DISABLE_AUTOLOAD_ENV = "ALIGN_DISABLE_PLUGIN_AUTOLOAD"
 

@@ -20,6 +20,8 @@ from align.kinds import PROMPTS, DataKind, kind_of
 from align.plugin_manager import AlignPluginManager
 from align.render import Renderer, RenderReport
 
+__all__ = ["Prepared", "as_kind", "data_files", "load_prompts", "prepare"]
+
 logger = logging.getLogger("align.data")
 
 

@@ -34,6 +34,8 @@ from align.plugin_manager import AlignPluginManager
 from align.schema import build, did_you_mean, reject_unknown_keys, to_plain
 from align.stage import BASE, Input, Stage
 
+__all__ = ["ModelSpec", "Recipe", "StageSpec", "load_recipe", "validate_model", "validate_recipe"]
+
 TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir", "dataset_dir")
 
 

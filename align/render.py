@@ -19,6 +19,8 @@ from typing import Any
 from align.conversation import Example
 from align.errors import AlignError
 
+__all__ = ["IGNORE", "RenderReport", "Renderer", "padding_waste", "read_chat_template"]
+
 IGNORE = -100  # the label of a token that carries no loss (transformers' convention)
 BATCH = 512
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+__all__ = ["RewardFunction"]
+
 
 class RewardFunction:
     """Base class for reward-function plugins (registered with ``align_register_reward_functions``).

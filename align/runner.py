@@ -46,6 +46,8 @@ from align.recipe import Recipe, StageSpec
 from align.schema import did_you_mean, to_plain
 from align.stage import BASE, Artifact, StageContext, StageOutcome
 
+__all__ = ["RunSummary", "align_home", "default_run_dir", "run_recipe"]
+
 logger = logging.getLogger("align")
 
 Inputs = Artifact | list[Artifact]  # one role's input: one artifact, or several for a role with pick="all"

@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar, Union
 
 from align.errors import AlignError
 
+__all__ = ["build", "describe", "did_you_mean", "reject_unknown_keys", "setting", "to_plain", "type_name"]
+
 T = TypeVar("T")
 
 

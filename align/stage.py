@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
 
+__all__ = ["BASE", "POLICY", "REWARD_MODEL", "Artifact", "Input", "Stage", "StageContext", "StageOutcome"]
+
 #: The name an input uses for the recipe's base model instead of a stage's output.
 BASE = "base"
 

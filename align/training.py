@@ -19,12 +19,10 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align.backend import is_main_process, join_process_group, trainer_arguments
 from align.data import DataSource, data_setting, on_bad_row_setting

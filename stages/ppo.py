@@ -33,7 +33,7 @@ from align.data import DataSource, data_setting, on_bad_row_setting
 from align.peft_method import peft_setting
 from align.prepare import data_files
 from align.schema import setting
-from align.stage import BASE, Input, Stage, StageContext
+from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage, StageContext
 from align.task_score import ScoreSettings, score_setting
 
 
@@ -93,9 +93,12 @@ class PPOStage(Stage):
 
     name = "ppo"
     Config = PPOSettings
+    produces = POLICY
     inputs = {
-        "policy": Input("the policy to optimise; also the frozen reference", default=("sft", BASE)),
-        "reward_model": Input("the reward model; the value model starts from it", default=("rm",), optional=True),
+        "policy": Input("the policy to optimise; also the frozen reference", artifact=POLICY, default=(BASE,)),
+        "reward_model": Input(
+            "the reward model; the value model starts from it", artifact=REWARD_MODEL, default=(), optional=True
+        ),
     }
 
     def data_files(self, config: PPOSettings, recipe: Any) -> list[Path]:

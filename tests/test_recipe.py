@@ -175,3 +175,72 @@ def test_a_stage_that_is_not_a_mapping_is_an_error(write_recipe, fake_pm):
 
 def test_a_stage_cannot_be_named_base(write_recipe, fake_pm):
     assert "'base' names the recipe's model" in error_of(write_recipe(BASIC.replace("first:", "base:")), fake_pm)
+
+
+# ------------------------------------------------------------------------- inputs by capability, checks
+
+CHAIN = """
+model: tiny-llama
+stages:
+  sft: {data: demo_sft}
+  rm: {data: demo_pref}
+  ppo: {data: demo_prompts}
+  dpo: {data: demo_pref}
+"""
+
+
+@pytest.fixture(scope="module")
+def pm():
+    from align.plugin_manager import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def test_inputs_default_to_the_stages_that_produce_what_they_take(write_recipe, pm):
+    recipe = load_recipe(write_recipe(CHAIN), [], pm)
+    assert recipe.stages["rm"].inputs == {"policy": "sft"}
+    assert recipe.stages["ppo"].inputs == {"policy": "sft", "reward_model": "rm"}
+    assert recipe.stages["dpo"].inputs == {"policy": "ppo"}  # the latest earlier policy
+
+
+def test_a_role_is_refused_a_stage_that_produces_another_kind(write_recipe, pm):
+    message = error_of(
+        write_recipe(CHAIN.replace("{data: demo_prompts}", "{data: demo_prompts, reward_model: sft}")), pm
+    )
+    assert "'stages.ppo.reward_model': stage 'sft' produces a policy, but the reward_model must be a reward_model" in (
+        message
+    )
+
+
+def test_a_stage_checks_its_settings_against_the_registries_when_the_recipe_loads(write_recipe, pm):
+    text = CHAIN + "defaults:\n  score: {reward_function: sentimnet, prompts: demo_prompts_test}\n"
+    message = error_of(write_recipe(text), pm)
+    assert "unknown reward function 'sentimnet' (did you mean 'sentiment'?)" in message
+
+
+def test_the_recipe_hook_gets_the_plugin_manager_and_can_refuse(write_recipe, pm):
+    from align import hookimpl
+    from align.plugin_manager import get_plugin_manager
+
+    seen = []
+
+    class Refuser:
+        @hookimpl
+        def align_recipe_loaded(self, recipe, plugins):
+            seen.append(sorted(plugins.registry("data kind")))
+            if "dpo" in recipe.stages:
+                raise AlignError("this plugin serves no dpo stage")
+
+    manager = get_plugin_manager()
+    manager.add_plugin(Refuser(), "refuser")
+    message = error_of(write_recipe(CHAIN), manager)
+    assert message == "this plugin serves no dpo stage"
+    assert seen == [["conversations", "feedback", "preferences", "prompts"]]
+
+
+def test_align_config_stops_a_typo_in_a_later_stage_before_any_work(write_recipe):
+    from conftest import run_align
+
+    text = CHAIN + "defaults:\n  score: {reward_function: sentimnet, prompts: demo_prompts_test}\n"
+    result = run_align("config", str(write_recipe(text)))
+    assert result.returncode == 2 and "unknown reward function 'sentimnet'" in result.stderr
