@@ -108,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("dataset", metavar="NAME|PATH", help="a registry entry or a data file")
     preview.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json")
     preview.add_argument("--format", help="the dataset format, when it cannot be detected")
-    preview.add_argument("--model", "-m", default="tiny-llama", help="whose tokenizer (default: tiny-llama)")
+    preview.add_argument(
+        "--model", "-m", help="whose tokenizer and chat template (default: the fallback model source, tiny-llama)"
+    )
     preview.add_argument("-n", type=int, default=3, help="rows to show (default: 3)")
     preview.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
     preview.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
@@ -146,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--temperature", type=float, default=0.7)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--engine", default="hf")
+    evaluate.add_argument("--engine", help="the rollout engine that generates (default: the fallback engine, hf)")
     evaluate.add_argument("--output", required=True, metavar="DIR")
     evaluate.set_defaults(command=cmd_eval)
 

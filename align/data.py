@@ -134,6 +134,7 @@ class DatasetEntry:
     tags: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     num_samples: int | None = None
+    registered: bool = True  #: from a registry (``False``: a file given by path)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def resolve(reference: str, dirs: Sequence[Path]) -> DatasetEntry:
             raise AlignError(f"data: {path}: no such file")
         if path.suffix not in FILE_TYPES:
             raise AlignError(f"data: {path}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
-        return DatasetEntry(path.stem, path, formatting=None)
+        return DatasetEntry(path.stem, path, formatting=None, registered=False)
     known = [name for folder in dirs for name in read_registry(folder)]
     raise AlignError(
         f"data: '{reference}' is neither a registry entry nor a file{did_you_mean(reference, known)}",
@@ -211,8 +212,8 @@ def _entry(name: str, raw: Any, folder: Path) -> DatasetEntry:
     multimodal = [c for c in MULTIMODAL_COLUMNS if c in columns]
     if multimodal:
         raise AlignError(f"{where} has {', '.join(multimodal)}: multimodal datasets are not supported")
-    formatting = raw.get("formatting", "alpaca")
-    if formatting == "alpaca" and set(columns) <= {"prompt"} and columns:
+    formatting = raw.get("formatting")  # none: the format that serves as the fallback (LLaMA-Factory's: alpaca)
+    if formatting is None and set(columns) <= {"prompt"} and columns:
         raise AlignError(f"{where} is plain pre-training text; align's stages take conversations")
     return DatasetEntry(
         name=name,
@@ -350,6 +351,8 @@ def _format(
     entry: DatasetEntry, formats: Mapping[str, DatasetFormat], name: str | None, first: Mapping[str, Any]
 ) -> DatasetFormat:
     name = name or entry.formatting
+    if name is None and entry.registered:  # a registry entry without `formatting`: the fallback format
+        name = next((fmt.name for fmt in formats.values() if getattr(fmt, "fallback", False)), None)
     if name is not None:
         if name not in formats:
             raise AlignError(

@@ -21,6 +21,8 @@ class DatasetFormat:
     * ``columns``: the default column names this format reads, by role, as in LLaMA-Factory's
       ``dataset_info.json`` (``{"prompt": "instruction", ...}``); an entry's ``columns`` override them.
     * ``tags``: default ``tags`` (sharegpt's role and content keys), likewise overridable.
+    * ``fallback``: the format of a registry entry that names no ``formatting`` (LLaMA-Factory's rule
+      makes that alpaca); a file given by path is detected instead.
     * ``kinds``: the data kinds (:mod:`align.kinds`) its rows can be. Whatever the format, an entry's
       ``kto_tag`` column marks each row's reply desirable or not (``feedback``), and every row can serve
       as a prompt.
@@ -30,6 +32,7 @@ class DatasetFormat:
     columns: ClassVar[Mapping[str, str]] = {}
     tags: ClassVar[Mapping[str, str]] = {}
     kinds: ClassVar[tuple[str, ...]] = ("conversations", "preferences", "feedback", "prompts")
+    fallback: ClassVar[bool] = False
 
     def detect(self, row: Mapping[str, Any]) -> bool:
         """Whether a row (the file's first) looks like this format; used when no format is named."""

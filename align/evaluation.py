@@ -2,10 +2,24 @@
 
 :func:`evaluate_models` generates each model's responses to a prompt set through a rollout engine (the
 same seed and sampling for every model), then lets every evaluator plugin (``align_register_evaluators``)
-measure what it measures: reward-model score with a confidence interval, win rate against the reference
-judged by the reward model, KL to the reference, response length, perplexity on held-out conversations,
-preference accuracy on held-out pairs, rule-based reward functions and task metrics. ``align eval`` and
-the ``eval`` stage both call it and write the same ``results.json``, ``report.md`` and ``report.html``.
+measure what it measures. An evaluator returns :class:`Metric` rows (a name, a value, and optionally a
+label, a 95 % confidence interval, a count, per-item samples, a direction and a headline flag); nothing
+downstream knows any evaluator or metric by name: ``results.json`` stores the rows generically, the
+reports (:mod:`align.report`) draw a table column and a bar chart per metric and a distribution per metric
+with samples, and the ``eval`` stage reports the rows flagged as headline. ``align eval`` and the ``eval``
+stage both call it and write the same ``results.json``, ``report.md`` and ``report.html``.
+
+``results.json`` (schema ``align.eval/2``, :data:`SCHEMA`)::
+
+    {"schema": "align.eval/2",
+     "settings": {...},            # everything that decides the numbers (the engine as resolved)
+     "reference": PATH, "reward_model": PATH | null, "prompts": N,
+     "models": {NAME: {
+         "path": PATH,
+         "metrics": {METRIC: {"value": float, "label": str, "evaluator": str, "ci95": [low, high] | null,
+                              "n": int | null, "higher_is_better": bool | null, "headline": bool}},
+         "samples": {METRIC: [float, ...]},   # per-item values, for metrics that have them
+         "examples": [{"prompt": str, "response": str}, ...]}}}
 """
 
 from __future__ import annotations
@@ -20,13 +34,25 @@ from typing import Any, ClassVar
 from align.data import DataSource
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
-from align.rollout import Sampling
+from align.rollout import RolloutEngine, Sampling, engine_named
 from align.schema import setting, to_plain
+
+__all__ = [
+    "SCHEMA",
+    "EvalRun",
+    "EvalSettings",
+    "Evaluator",
+    "Metric",
+    "ModelUnderTest",
+    "evaluate_models",
+    "settings_fields",
+    "write_reports",
+]
 
 logger = logging.getLogger("align.eval")
 
-#: The version of results.json's layout; see :func:`results_schema`.
-SCHEMA = "align.eval/1"
+#: The version of results.json's layout (see the module's docstring).
+SCHEMA = "align.eval/2"
 
 
 @dataclass
@@ -44,7 +70,9 @@ class EvalSettings:
     max_new_tokens: int = setting(64, help="Longest response.")
     temperature: float = setting(0.7, help="Sampling temperature (0: greedy).")
     seed: int = setting(0, help="Sampling seed: the same command gives the same numbers.")
-    engine: str = setting("hf", help="The rollout engine that generates (hf, vllm, …).")
+    engine: str | None = setting(
+        None, help="The rollout engine that generates (default: the engine installed as the fallback)."
+    )
     reward_functions: list[str] = setting(default_factory=list, help="Rules to score responses with.")
     task_metrics: list[str] = setting(
         default_factory=lambda: ["exact_match", "bleu", "rouge_l"],
@@ -53,6 +81,50 @@ class EvalSettings:
     )
     dpo_beta: float = setting(0.1, help="β of DPO's implicit reward β·log(π/π_ref); accuracy does not depend on it.")
     evaluators: list[str] | None = setting(None, help="Evaluators to run (default: all that apply).")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measurement of one model: a row of the results, a column of the reports.
+
+    :param name: the key in ``results.json`` and, prefixed by the model's name, in the eval stage's
+        metrics (``reward``, ``win_rate``, ``preference_accuracy/reward_model``, …); unique per model.
+    :param value: the number.
+    :param label: the column heading in the reports (default: ``name``).
+    :param ci95: a 95 % confidence interval ``(low, high)`` around ``value``, when the evaluator has one.
+    :param n: how many items (responses, pairs, tokens …) ``value`` summarises.
+    :param samples: the per-item values ``value`` summarises (the score of each response): stored apart in
+        ``results.json`` and drawn as a distribution in ``report.html``.
+    :param higher_is_better: the direction in which the metric improves (``None``: neither, or unknown);
+        the reports mark it with ↑ or ↓.
+    :param headline: the ``eval`` stage reports it in the run's summary, per model (``ppo_reward``).
+    """
+
+    name: str
+    value: float
+    label: str | None = None
+    ci95: tuple[float, float] | None = None
+    n: int | None = None
+    samples: Sequence[float] | None = None
+    higher_is_better: bool | None = None
+    headline: bool = False
+
+    @property
+    def heading(self) -> str:
+        """The label the reports show (``label``, else ``name``)."""
+        return self.label or self.name
+
+    def stored(self, evaluator: str) -> dict[str, Any]:
+        """The row as ``results.json`` keeps it under ``metrics`` (the samples go to ``samples``)."""
+        return {
+            "value": float(self.value),
+            "label": self.heading,
+            "evaluator": evaluator,
+            "ci95": [float(self.ci95[0]), float(self.ci95[1])] if self.ci95 is not None else None,
+            "n": self.n,
+            "higher_is_better": self.higher_is_better,
+            "headline": self.headline,
+        }
 
 
 @dataclass
@@ -77,6 +149,8 @@ class EvalRun:
     prompts: list[list[int]]
     prompt_texts: list[str]
     dataset_dir: str | None = None
+    engine: RolloutEngine | None = None  #: the engine that generates (``settings.engine`` resolved)
+    memo: dict[Any, Any] = field(default_factory=dict)  #: what evaluators compute once per run and share
     _cache: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def model(self, path: str, kind: str = "causal") -> Any:
@@ -89,6 +163,17 @@ class EvalRun:
             self._cache[(path, kind)] = model
         return self._cache[(path, kind)]
 
+    def generate(self, path: str, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
+        """The responses (token ids) of the model at ``path`` to ``prompts``, through the run's engine."""
+        engine = self.engine or engine_named(self.plugins, self.settings.engine)
+        options = engine.Config()
+        engine.check(options)
+        session = engine.start(self.model(path), path, self.tokenizer, options)
+        try:
+            return session.generate(prompts, sampling)
+        finally:
+            session.close()
+
 
 class Evaluator:
     """Base class for evaluator plugins: one family of measurements of a model under test."""
@@ -99,7 +184,8 @@ class Evaluator:
         """Whether this evaluator has what it needs (a reward model, held-out data, …)."""
         return True
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
+        """Measure ``model`` (its responses to ``run.prompts`` are in ``model.responses``): one row each."""
         raise NotImplementedError
 
 
@@ -128,6 +214,7 @@ def evaluate_models(
                 hint="models, reference and reward model must share one tokenizer to be compared",
             )
     evaluators = _evaluators(plugins, settings)
+    engine = engine_named(plugins, settings.engine)
     prompts = load_prompts(settings.prompts, plugins, dataset_dir=dataset_dir)[: settings.samples]
     renderer = Renderer(tokenizer, max_length=1 << 30)
     prompt_ids = [renderer.prompt_ids(p) for p in prompts]
@@ -140,6 +227,7 @@ def evaluate_models(
         prompt_ids,
         [p[-1]["content"] for p in prompts],
         dataset_dir,
+        engine,
     )
     under_test = {name: ModelUnderTest(name, path) for name, path in models.items()}
     for model in [run.reference, *under_test.values()]:
@@ -151,24 +239,51 @@ def evaluate_models(
                 twin.responses, twin.texts = model.responses, model.texts
     results: dict[str, Any] = {
         "schema": SCHEMA,
-        "settings": to_plain(settings),
+        "settings": {**to_plain(settings), "engine": engine.name},
         "reference": reference,
         "reward_model": reward_model,
         "prompts": len(prompt_ids),
         "models": {},
     }
+    applying = [e for e in evaluators if e.applies(run)]
     for name, model in under_test.items():
         logger.info("evaluating %s", name)
-        entry: dict[str, Any] = {"path": model.path}
-        for evaluator in evaluators:
-            if evaluator.applies(run):
-                entry.update(evaluator.evaluate(run, model))
+        entry: dict[str, Any] = {"path": model.path, "metrics": {}, "samples": {}}
+        for evaluator in applying:
+            for row in _rows(evaluator, evaluator.evaluate(run, model)):
+                if row.name in entry["metrics"]:
+                    raise AlignError(
+                        f"evaluators '{entry['metrics'][row.name]['evaluator']}' and '{evaluator.name}' both "
+                        f"report a metric named '{row.name}'",
+                        hint="metric names are unique per model: rename one, or run one of the evaluators "
+                        "(`evaluators:`)",
+                    )
+                entry["metrics"][row.name] = row.stored(evaluator.name)
+                if row.samples is not None:
+                    entry["samples"][row.name] = [float(v) for v in row.samples]
         entry["examples"] = [
             {"prompt": prompt, "response": text}
             for prompt, text in list(zip(run.prompt_texts, model.texts, strict=True))[:5]
         ]
         results["models"][name] = entry
     return results
+
+
+def _rows(evaluator: Evaluator, rows: Any) -> list[Metric]:
+    """The evaluator's rows, checked: a third party's mistake is named, not a crash in the report."""
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(r, Metric) for r in rows):
+        raise AlignError(
+            f"evaluator '{evaluator.name}' returned {type(rows).__name__}, not a list of Metric rows",
+            hint="Evaluator.evaluate returns [align.evaluation.Metric(name, value, ...), ...]",
+        )
+    for row in rows:
+        if not isinstance(row.name, str) or not row.name or isinstance(row.value, bool):
+            raise AlignError(f"evaluator '{evaluator.name}' returned a malformed row: {row!r}")
+        if not isinstance(row.value, (int, float)):
+            raise AlignError(
+                f"evaluator '{evaluator.name}': metric '{row.name}' has the value {row.value!r}, not a number"
+            )
+    return list(rows)
 
 
 def _evaluators(plugins: AlignPluginManager, settings: EvalSettings) -> list[Evaluator]:
@@ -179,20 +294,14 @@ def _evaluators(plugins: AlignPluginManager, settings: EvalSettings) -> list[Eva
 
 def _generate(run: EvalRun, model: ModelUnderTest) -> None:
     settings = run.settings
-    engine = run.plugins.get("rollout engine", settings.engine)
-    options = engine.Config()
-    engine.check(options)
-    policy = run.model(model.path)
-    session = engine.start(policy, model.path, run.tokenizer, options)
     sampling = Sampling(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature or 1.0,
         greedy=settings.temperature == 0,
         seed=settings.seed,
     )
-    model.responses = session.generate(run.prompts, sampling)
+    model.responses = run.generate(model.path, run.prompts, sampling)
     model.texts = [run.tokenizer.decode(r, skip_special_tokens=True) for r in model.responses]
-    session.close()
 
 
 def write_reports(results: Mapping[str, Any], output: Path) -> None:
@@ -208,4 +317,5 @@ def write_reports(results: Mapping[str, Any], output: Path) -> None:
 
 
 def settings_fields() -> Sequence[str]:
+    """The names of :class:`EvalSettings`' fields."""
     return [f.name for f in dataclasses.fields(EvalSettings)]

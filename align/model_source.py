@@ -13,10 +13,13 @@ class ModelSource:
 
     * ``name``: what a recipe writes (``model: tiny-llama`` or ``model: {source: tiny-llama, ...}``).
     * ``Config``: a dataclass of the source's settings.
+    * ``fallback``: serves where no model is named (``align data preview`` without ``--model``); it must
+      work offline with its default settings.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    fallback: ClassVar[bool] = False
 
     def fingerprint(self, config: Any) -> str:
         """A cheap identity of the model this config gives; it keys caches and downstream fingerprints."""

@@ -14,11 +14,13 @@ class PeftMethod:
     """Base class for PEFT-method plugins (registered with ``align_register_peft_methods``).
 
     A stage's ``peft: {method: NAME, ...settings}`` picks one; the settings are validated against
-    ``Config`` when the recipe is loaded.
+    ``Config`` when the recipe is loaded. The method whose ``fallback`` is true serves a stage that
+    names none.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    fallback: ClassVar[bool] = False
 
     def check(self, config: Any) -> None:
         """Refuse, with an :class:`~align.AlignError`, what this machine cannot do (called at recipe check)."""
@@ -50,9 +52,9 @@ def peft_setting() -> Any:
     from dataclasses import field
 
     return field(
-        default_factory=lambda: {"method": "full"},
+        default_factory=dict,
         metadata={
-            "help": "How the model trains: {method: full} (every weight), freeze, lora, dora or qlora, with "
-            "the method's settings, e.g. {method: lora, r: 16}. `align explain lora` lists them."
+            "help": "How the model trains: {method: full} (every weight, the default), freeze, lora, dora or "
+            "qlora, with the method's settings, e.g. {method: lora, r: 16}. `align explain lora` lists them."
         },
     )

@@ -119,6 +119,18 @@ class AlignPluginManager(pluggy.PluginManager):
             )
         return registry[name].obj
 
+    def fallback(self, kind: str, setting: str) -> Any:
+        """The object of ``kind`` that serves where a setting names none: one whose ``fallback`` is true
+        (the first by name if several are). ``setting`` names the setting in the error when none does."""
+        registry = self.registry(kind)
+        offered = sorted(name for name, entry in registry.items() if getattr(entry.obj, "fallback", False))
+        if not offered:
+            raise AlignError(
+                f"no installed {kind} serves as the default, and {setting} names none",
+                hint=f"set {setting} (installed: {', '.join(sorted(registry)) or 'none'})",
+            )
+        return registry[offered[0]].obj
+
     def registered_by(self, plugin_name: str) -> dict[str, list[str]]:
         """Kind → names that one plugin registers (for ``align plugins``)."""
         found: dict[str, list[str]] = {}

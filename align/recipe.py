@@ -277,10 +277,12 @@ def _passthrough(stage: Stage, unknown: dict[str, Any], path: str) -> dict[str, 
 
 
 def _validate_peft(value: Any, path: str, pm: AlignPluginManager) -> PeftChoice:
-    if not isinstance(value, Mapping) or not isinstance(value.get("method"), str):
-        raise AlignError(f"'{path}' must be a mapping with `method:` (full, freeze, lora, dora, qlora, …)")
+    if not isinstance(value, Mapping) or not isinstance(value.get("method", ""), str):
+        known = ", ".join(sorted(pm.registry("peft method")))
+        raise AlignError(f"'{path}' must be a mapping with `method:` ({known})")
     settings = dict(value)
-    method = pm.get("peft method", settings.pop("method"))
+    name = settings.pop("method", None)
+    method = pm.get("peft method", name) if name else pm.fallback("peft method", f"'{path}.method'")
     config = build(method.Config, settings, path)
     method.check(config)
     return PeftChoice(method, config)

@@ -1,5 +1,11 @@
 """Evaluation reports: a Markdown table and a self-contained HTML page whose plots are inline SVG.
 
+Both are drawn from the metric rows of ``results.json`` (schema ``align.eval/2``) alone: a column per
+metric, headed by its label (↑ where higher is better, ↓ where lower is), a bar chart per metric across the
+models (with its 95 % confidence interval when there is one), and a distribution per metric that has
+per-item samples. No evaluator or metric is known here by name, so a third party's evaluator shows up like
+a built-in one.
+
 Nothing is fetched when the page opens (no scripts, fonts or stylesheets from elsewhere), so it works
 offline and can be attached to an issue or an email.
 """
@@ -8,90 +14,137 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["COLOURS", "html_report", "markdown_report"]
+
+#: The colour of each model, in the order of ``results["models"]``.
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
-def _rows(results: Mapping[str, Any]) -> list[tuple[str, dict[str, str]]]:
-    rows = []
-    for name, entry in results["models"].items():
-        reward = entry.get("reward")
-        cells = {
-            "reward (95 % CI)": f"{reward['mean']:.3f} [{reward['ci95'][0]:.3f}, {reward['ci95'][1]:.3f}]"
-            if reward
-            else "-",
-            "win rate": _number(entry.get("win_rate")),
-            "KL": _number(entry.get("kl")),
-            "length": _number(entry.get("response_length"), 1),
-            "perplexity": _number(entry.get("perplexity"), 2),
-        }
-        for kind, value in (entry.get("preference_accuracy") or {}).items():
-            cells[f"pref. accuracy ({kind})"] = _number(value)
-        for rule, value in (entry.get("reward_functions") or {}).items():
-            cells[rule] = _number(value)
-        for metric, value in (entry.get("task_metrics") or {}).items():
-            cells[metric] = _number(value)
-        rows.append((name, cells))
-    return rows
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    label: str
+    higher_is_better: bool | None
+
+    @property
+    def heading(self) -> str:
+        return self.label + (" ↑" if self.higher_is_better is True else " ↓" if self.higher_is_better is False else "")
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _columns(results: Mapping[str, Any]) -> list[_Column]:
+    """Every metric any model has, in the order the evaluators reported them."""
+    order: list[str] = []
+    found: dict[str, _Column] = {}
+    for entry in results["models"].values():
+        previous = None
+        for name, row in entry.get("metrics", {}).items():
+            if name not in found:  # a metric the earlier models lack goes after its neighbour in this model's rows
+                found[name] = _Column(name, row.get("label") or name, row.get("higher_is_better"))
+                order.insert(order.index(previous) + 1 if previous else len(order), name)
+            previous = name
+    return [found[name] for name in order]
+
+
+def _cell(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    text = _number(row["value"])
+    if row.get("ci95"):
+        low, high = row["ci95"]
+        text += f" [{_number(low)}, {_number(high)}]"
+    return text
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def _display_names(results: Mapping[str, Any]) -> dict[str, str]:
+    """Model name → how the reports show it (the reference is marked)."""
+    return {
+        name: f"{name} (reference)" if entry.get("path") == results["reference"] else name
+        for name, entry in results["models"].items()
+    }
+
+
+def _colours(results: Mapping[str, Any]) -> dict[str, str]:
+    return {name: COLOURS[k % len(COLOURS)] for k, name in enumerate(results["models"])}
+
+
+def _about(results: Mapping[str, Any]) -> str:
+    settings = results["settings"]
+    return (
+        f"Reference: `{results['reference']}`; reward model: `{results['reward_model'] or 'none'}`; "
+        f"{results['prompts']} prompts; sampling: temperature {settings.get('temperature')}, "
+        f"seed {settings.get('seed')}, engine {settings.get('engine')}."
+    )
+
+
+LEGEND = "↑ higher is better, ↓ lower is better; [low, high]: 95 % confidence interval."
 
 
 def markdown_report(results: Mapping[str, Any]) -> str:
-    rows = _rows(results)
-    columns = list(dict.fromkeys(c for _, cells in rows for c in cells))
+    """``report.md``: the settings, a table of every metric of every model, and sample responses."""
+    columns = _columns(results)
+    shown = _display_names(results)
     lines = [
         "# Evaluation",
         "",
-        f"Reference: `{results['reference']}`; reward model: `{results['reward_model'] or 'none'}`; "
-        f"{results['prompts']} prompts; sampling: temperature {results['settings']['temperature']}, "
-        f"seed {results['settings']['seed']}, engine {results['settings']['engine']}.",
+        _about(results),
         "",
-        "| model | " + " | ".join(columns) + " |",
+        "| model | " + " | ".join(_md(c.heading) for c in columns) + " |",
         "| --- | " + " | ".join("---" for _ in columns) + " |",
     ]
-    lines += [f"| {name} | " + " | ".join(cells.get(c, "-") for c in columns) + " |" for name, cells in rows]
     for name, entry in results["models"].items():
-        lines += ["", f"## {name}: sample responses", ""]
+        metrics = entry.get("metrics", {})
+        lines.append(f"| {_md(shown[name])} | " + " | ".join(_cell(metrics.get(c.name)) for c in columns) + " |")
+    lines += ["", LEGEND]
+    for name, entry in results["models"].items():
+        lines += ["", f"## {shown[name]}: sample responses", ""]
         for example in entry.get("examples", []):
-            lines += [f"- **{_one_line(example['prompt'])}** → {_one_line(example['response'])}"]
+            lines += [f"- **{_md(example['prompt'])}** → {_md(example['response'])}"]
     return "\n".join(lines) + "\n"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+def _md(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def html_report(results: Mapping[str, Any]) -> str:
-    rows = _rows(results)
-    columns = list(dict.fromkeys(c for _, cells in rows for c in cells))
-    table = "".join(
-        f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{html.escape(cells.get(c, '-'))}</td>" for c in columns)
-        + "</tr>"
-        for name, cells in rows
-    )
+    """``report.html``: the table, a distribution per metric with samples, a bar chart per metric."""
+    columns = _columns(results)
     models = results["models"]
-    plots = []
-    scores = {name: entry["reward_scores"] for name, entry in models.items() if entry.get("reward_scores")}
-    if scores:
-        plots.append(("Reward-model score distributions", _histograms(scores)))
-    wins = {name: entry["win_rate"] for name, entry in models.items() if entry.get("win_rate") is not None}
-    if wins:
-        plots.append(("Win rate against the reference (ties count half)", _bars(wins)))
-    points = {
-        name: (entry["kl"], entry["reward"]["mean"])
+    shown, colours = _display_names(results), _colours(results)
+    table = "".join(
+        f"<tr><th>{html.escape(shown[name])}</th>"
+        + "".join(f"<td>{html.escape(_cell(entry.get('metrics', {}).get(c.name)))}</td>" for c in columns)
+        + "</tr>"
         for name, entry in models.items()
-        if entry.get("reward") and entry.get("kl") is not None
-    }
-    if points:
-        plots.append(("Reward against KL to the reference", _scatter(points)))
-    figures = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption>{svg}</figure>" for t, svg in plots)
+    )
+    distributions = []
+    for column in columns:
+        series = {
+            shown[name]: entry["samples"][column.name]
+            for name, entry in models.items()
+            if entry.get("samples", {}).get(column.name)
+        }
+        if series:
+            tints = {shown[name]: colours[name] for name in models}
+            svg = _histograms(series, tints, column.label)
+            distributions.append(_figure(f"{column.heading}: distribution per model", svg))
+    bars = []
+    for column in columns:
+        rows = {
+            name: entry["metrics"][column.name] for name, entry in models.items() if column.name in entry["metrics"]
+        }
+        bars.append(_figure(column.heading, _bars(rows, colours)))
     samples = "".join(
-        f"<h3>{html.escape(name)}</h3><ul>"
+        f"<h3>{html.escape(shown[name])}</h3><ul>"
         + "".join(
             f"<li><b>{html.escape(e['prompt'])}</b><br>{html.escape(e['response'])}</li>"
             for e in entry.get("examples", [])
@@ -99,30 +152,43 @@ def html_report(results: Mapping[str, Any]) -> str:
         + "</ul>"
         for name, entry in models.items()
     )
-    settings = results["settings"]
+    about = html.escape(_about(results)).replace("`", "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>align evaluation</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; background: #fff; }}
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 62rem; color: #222; background: #fff; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: .85rem; display: block; overflow-x: auto; }}
 th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }}
 th:first-child {{ text-align: left; }}
 thead th {{ background: #f0f0f0; }}
 figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .5rem; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 0 1.5rem; }} .grid figure {{ margin: .75rem 0; }}
+.note {{ color: #555; font-size: .85rem; }}
 </style></head><body>
 <h1>align evaluation</h1>
-<p>Reference <code>{html.escape(str(results["reference"]))}</code>, reward model
-<code>{html.escape(str(results["reward_model"] or "none"))}</code>, {results["prompts"]} prompts, temperature
-{settings["temperature"]}, seed {settings["seed"]}, engine {html.escape(settings["engine"])}.</p>
-<table><thead><tr><th>model</th>{"".join(f"<th>{html.escape(c)}</th>" for c in columns)}</tr></thead>
+<p>{about}</p>
+<table><thead><tr><th>model</th>{"".join(f"<th>{html.escape(c.heading)}</th>" for c in columns)}</tr></thead>
 <tbody>{table}</tbody></table>
-{figures}
+<p class="note">{html.escape(LEGEND)}</p>
+{"<h2>Distributions</h2>" if distributions else ""}{"".join(distributions)}
+{"<h2>Each metric across models</h2>" if bars else ""}<div class="grid">{"".join(bars)}</div>
 <h2>Sample responses</h2>{samples}
 </body></html>
 """
 
 
-def _histograms(series: Mapping[str, Sequence[float]], width: int = 640, height: int = 220) -> str:
+def _figure(caption: str, svg: str) -> str:
+    return f"<figure><figcaption>{html.escape(caption)}</figcaption>{svg}</figure>"
+
+
+def _histograms(
+    series: Mapping[str, Sequence[float]],
+    colours: Mapping[str, str],
+    label: str,
+    width: int = 640,
+    height: int = 220,
+) -> str:
+    """Overlaid histograms (20 bins over the common range), one colour per model."""
     values = [v for s in series.values() for v in s]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
@@ -135,63 +201,75 @@ def _histograms(series: Mapping[str, Sequence[float]], width: int = 640, height:
     top = max(max(c) for c in counts.values()) or 1
     bar = (width - 60) / bins / len(series)
     shapes = []
-    for k, c in enumerate(counts.values()):
-        colour = COLOURS[k % len(COLOURS)]
+    for k, (name, c) in enumerate(counts.items()):
         for i, n in enumerate(c):
             x = 50 + i * (width - 60) / bins + k * bar
             h = (height - 50) * n / top
             shapes.append(
                 f'<rect x="{x:.1f}" y="{height - 30 - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                f'fill="{colour}" opacity="0.8"/>'
+                f'fill="{colours[name]}" opacity="0.8"/>'
             )
-    return _svg(width, height, shapes, series, f"{low:.2f}", f"{high:.2f}", "score")
+    legend = {name: colours[name] for name in series}
+    return _svg(width, height, shapes, legend, _number(low), _number(high), f"{label} →")
 
 
-def _bars(values: Mapping[str, float], width: int = 640, height: int = 220) -> str:
-    shapes = []
-    step = (width - 60) / max(len(values), 1)
-    for k, value in enumerate(values.values()):
-        h = (height - 50) * value
-        x = 50 + k * step + step * 0.2
+def _bars(rows: Mapping[str, Mapping[str, Any]], colours: Mapping[str, str], height: int = 170) -> str:
+    """One bar per model from zero to its value, with its 95 % interval as a whisker when it has one."""
+    width = max(280, 20 + 80 * len(rows))
+    ends = [0.0]
+    for row in rows.values():
+        ends += [row["value"], *(row.get("ci95") or [])]
+    low, high = min(ends), max(ends)
+    if high - low < 1e-12:
+        high = low + 1.0
+    top, bottom = 24, height - 34
+
+    def y(value: float) -> float:
+        return bottom - (value - low) / (high - low) * (bottom - top)
+
+    step = (width - 20) / max(len(rows), 1)
+    shapes = [f'<line x1="10" x2="{width - 10}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#444"/>']
+    for k, (name, row) in enumerate(rows.items()):
+        x, value = 10 + k * step + step * 0.2, row["value"]
+        centre = x + step * 0.3
+        top_y, bar_h = min(y(value), y(0)), abs(y(value) - y(0))
         shapes.append(
-            f'<rect x="{x:.1f}" y="{height - 30 - h:.1f}" width="{step * 0.6:.1f}" height="{h:.1f}" '
-            f'fill="{COLOURS[k % len(COLOURS)]}"/>'
+            f'<rect x="{x:.1f}" y="{top_y:.1f}" width="{step * 0.6:.1f}" height="{bar_h:.1f}" fill="{colours[name]}"/>'
+        )
+        if row.get("ci95"):
+            lo, hi = row["ci95"]
+            shapes.append(
+                f'<line x1="{centre:.1f}" x2="{centre:.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" stroke="#222"/>'
+                f'<line x1="{centre - 5:.1f}" x2="{centre + 5:.1f}" y1="{y(lo):.1f}" y2="{y(lo):.1f}" stroke="#222"/>'
+                f'<line x1="{centre - 5:.1f}" x2="{centre + 5:.1f}" y1="{y(hi):.1f}" y2="{y(hi):.1f}" stroke="#222"/>'
+            )
+        label_y = min(top_y, y(max(row.get("ci95") or [value]))) - 4
+        shapes.append(
+            f'<text x="{centre:.1f}" y="{max(label_y, 12):.1f}" text-anchor="middle" font-size="11">'
+            f"{_number(value)}</text>"
         )
         shapes.append(
-            f'<text x="{x + step * 0.3:.1f}" y="{height - 35 - h:.1f}" text-anchor="middle" '
-            f'font-size="12">{value:.2f}</text>'
+            f'<text x="{centre:.1f}" y="{height - 18}" text-anchor="middle" font-size="11">{html.escape(name)}</text>'
         )
-    half = height - 30 - (height - 50) * 0.5
-    shapes.append(
-        f'<line x1="45" x2="{width - 10}" y1="{half:.1f}" y2="{half:.1f}" stroke="#999" stroke-dasharray="4 3"/>'
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">{"".join(shapes)}</svg>'
     )
-    return _svg(width, height, shapes, values, "", "", "0.5 = as good as the reference")
-
-
-def _scatter(points: Mapping[str, tuple[float, float]], width: int = 640, height: int = 260) -> str:
-    xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
-    x0, x1 = min(xs + [0.0]), max(xs + [1e-6])
-    y0, y1 = min(ys), max(ys)
-    if y1 - y0 < 1e-9:
-        y0, y1 = y0 - 1, y1 + 1
-    shapes = []
-    for k, (name, (x, y)) in enumerate(points.items()):
-        cx = 50 + (x - x0) / ((x1 - x0) or 1) * (width - 160)  # room for the label right of the point
-        cy = height - 30 - (y - y0) / (y1 - y0) * (height - 60)
-        shapes.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{COLOURS[k % len(COLOURS)]}"/>')
-        shapes.append(f'<text x="{cx + 10:.1f}" y="{cy + 4:.1f}" font-size="12">{html.escape(name)}</text>')
-    shapes.append(f'<text x="50" y="35" font-size="11">reward {y1:.2f}</text>')
-    shapes.append(f'<text x="50" y="{height - 36}" font-size="11">{y0:.2f}</text>')
-    return _svg(width, height, shapes, points, f"{x0:.2f}", f"{x1:.2f}", "KL to the reference (nats per response) →")
 
 
 def _svg(
-    width: int, height: int, shapes: list[str], legend: Mapping[str, Any], left: str, right: str, label: str
+    width: int,
+    height: int,
+    shapes: list[str],
+    legend: Mapping[str, str],
+    left: str,
+    right: str,
+    label: str,
 ) -> str:
     keys = "".join(
-        f'<rect x="{60 + k * 120}" y="6" width="10" height="10" fill="{COLOURS[k % len(COLOURS)]}"/>'
-        f'<text x="{74 + k * 120}" y="15" font-size="12">{html.escape(name)}</text>'
-        for k, name in enumerate(legend)
+        f'<rect x="{60 + k * 150}" y="6" width="10" height="10" fill="{colour}"/>'
+        f'<text x="{74 + k * 150}" y="15" font-size="12">{html.escape(name)}</text>'
+        for k, (name, colour) in enumerate(legend.items())
     )
     axes = (
         f'<line x1="45" y1="{height - 30}" x2="{width - 10}" y2="{height - 30}" stroke="#444"/>'

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from align.errors import AlignError
-
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
 
@@ -68,11 +66,4 @@ def engine_named(plugins: AlignPluginManager, name: str | None) -> RolloutEngine
     """The engine ``name`` names, or for ``None`` the registered fallback engine (see :class:`RolloutEngine`)."""
     if name is not None:
         return plugins.get("rollout engine", name)  # type: ignore[no-any-return]
-    registry = plugins.registry("rollout engine")
-    fallbacks = sorted(n for n, entry in registry.items() if entry.obj.fallback)
-    if not fallbacks:
-        raise AlignError(
-            "no installed rollout engine offers itself as the default, and the settings name none",
-            hint=f"name one with `engine:` (installed: {', '.join(sorted(registry)) or 'none'})",
-        )
-    return registry[fallbacks[0]].obj  # type: ignore[no-any-return]
+    return plugins.fallback("rollout engine", "`engine:`")  # type: ignore[no-any-return]

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINTS",
     "PolicyTrainingSettings",
+    "PretokenizedPairs",
     "TRLStage",
     "TrainingSettings",
     "common_arguments",
@@ -194,18 +195,18 @@ def _last_logged(trainer: Any, names: Mapping[str, str]) -> dict[str, float]:
 
 
 def _held_out(evaluated: Mapping[str, Any], datasets: Sequence[str], names: Mapping[str, str]) -> dict[str, float]:
-    """``eval_<dataset>_<name>`` from ``trainer.evaluate()`` on several datasets, and ``eval_<name>``, their mean."""
+    """Held-out metrics from ``trainer.evaluate()`` on several datasets: ``eval_<dataset>_<name>`` where the
+    trainer reports them per dataset (the loss), and ``eval_<name>``: their mean, or the value TRL pools
+    over every held-out dataset (its own metrics, such as DPO's reward accuracy, carry no dataset)."""
     found: dict[str, float] = {}
     names = {"loss": "loss", **names}
-    for dataset in datasets:
-        for logged, reported in names.items():
-            key = f"eval_{dataset}_{logged}"
-            if key in evaluated:
-                found[f"eval_{dataset}_{reported}"] = float(evaluated[key])
-    for reported in names.values():
-        values = [found[f"eval_{d}_{reported}"] for d in datasets if f"eval_{d}_{reported}" in found]
-        if values:
-            found[f"eval_{reported}"] = sum(values) / len(values)
+    for logged, reported in names.items():
+        per_dataset = {d: float(evaluated[f"eval_{d}_{logged}"]) for d in datasets if f"eval_{d}_{logged}" in evaluated}
+        found.update({f"eval_{d}_{reported}": value for d, value in per_dataset.items()})
+        if per_dataset:
+            found[f"eval_{reported}"] = sum(per_dataset.values()) / len(per_dataset)
+        elif f"eval_{logged}" in evaluated:
+            found[f"eval_{reported}"] = float(evaluated[f"eval_{logged}"])
     return found
 
 
@@ -438,3 +439,34 @@ class TRLStage(Stage):
             metrics.update(task_score(trainer.model, tokenizer, config.score, context))
         save(trainer, tokenizer, context)
         return metrics
+
+
+class PretokenizedPairs:
+    """A mixin that makes TRL's paired trainers which tokenize rows themselves (``ORPOTrainer``,
+    ``CPOTrainer``) train on align's rendered pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) as
+    they are. Put it first: ``class Trainer(PretokenizedPairs, trl_class("ORPOTrainer"))``.
+
+    * :meth:`tokenize_row` lays a pair out as TRL's does: ``prompt_input_ids``, and for each side its
+      ``*_input_ids`` (prompt + reply), ``*_attention_mask`` and ``*_labels`` (-100 over the prompt).
+      align's replies already end with the end-of-sequence token and fit ``max_length``, so nothing is
+      added or cut.
+    * The held-out datasets arrive as a ``DatasetDict``: these trainers ``map`` over ``eval_dataset``, which
+      a plain dict of several datasets cannot do.
+    """
+
+    def __init__(self, *args: Any, eval_dataset: Any = None, **kwargs: Any) -> None:
+        from datasets import DatasetDict
+
+        if isinstance(eval_dataset, dict) and not isinstance(eval_dataset, DatasetDict):
+            eval_dataset = DatasetDict(eval_dataset)
+        super().__init__(*args, eval_dataset=eval_dataset, **kwargs)  # type: ignore[call-arg]
+
+    def tokenize_row(self, feature: Mapping[str, Any], model: Any = None) -> dict[str, list[int]]:
+        prompt = list(feature["prompt_ids"])
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            reply = list(feature[f"{side}_ids"])
+            row[f"{side}_input_ids"] = prompt + reply
+            row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(reply))
+            row[f"{side}_labels"] = [-100] * len(prompt) + reply
+        return row

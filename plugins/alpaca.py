@@ -17,6 +17,7 @@ from align.dataformat import DatasetFormat
 
 class Alpaca(DatasetFormat):
     name = "alpaca"
+    fallback = True  # LLaMA-Factory reads an entry without `formatting` as alpaca
     columns = {
         "prompt": "instruction",
         "query": "input",

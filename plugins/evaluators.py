@@ -1,50 +1,54 @@
 """Built-in evaluators for ``align eval`` and the ``eval`` stage.
 
-Each measures one thing about a model under test; :mod:`align.evaluation` runs them all by default.
+Each measures one thing about a model under test and returns :class:`~align.evaluation.Metric` rows;
+:mod:`align.evaluation` runs them all by default. Metric names (the keys of ``results.json``): ``reward``
+and ``win_rate`` (reward model), ``kl``, ``response_length`` and ``ended_share``, each reward function's
+name, ``perplexity``, ``preference_accuracy/reward_model`` and ``preference_accuracy/implicit_reward``, and
+each task metric's name.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from align import AlignError, hookimpl
-from align.evaluation import EvalRun, Evaluator, ModelUnderTest
+from align.evaluation import EvalRun, Evaluator, Metric, ModelUnderTest
+from align.kinds import CONVERSATIONS, PREFERENCES
+from align.sequences import pack, response_logprobs, token_values
 
 METRICS = Path(__file__).resolve().parent / "metrics"
 
 
-def _sequences(prompts: list[list[int]], responses: list[list[int]], pad: int) -> dict[str, Any]:
-    from align.stages.ppo_model import pack
-
-    return pack(prompts, responses, pad, "cpu")
-
-
-def _response_logprobs(model: Any, batch: dict[str, Any]) -> Any:
+def _logprobs(model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad: int) -> Any:
+    """Each response token's log-probability under ``model``, ``(batch, response_width)``, 0 on padding."""
     import torch
 
     with torch.no_grad():
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-        ).logits[:, batch["prompt_width"] - 1 : -1]
-        logprobs = torch.gather(logits.float().log_softmax(-1), 2, batch["responses"].unsqueeze(-1)).squeeze(-1)
-    return logprobs * batch["response_mask"]
+        return response_logprobs(model, pack(prompts, responses, pad, "cpu"))
 
 
-def _rewards(run: EvalRun, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+def _rewards(run: EvalRun, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[float]:
+    """The reward model's score of each response (read where the response ends)."""
     import torch
-
-    from align.stages.ppo_model import token_values
 
     assert run.reward_model is not None
     model = run.model(run.reward_model, "reward")
-    batch = _sequences(prompts, responses, run.tokenizer.pad_token_id)
+    batch = pack(prompts, responses, run.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
         values = token_values(model, batch)
     last = batch["prompt_width"] + batch["response_lengths"] - 1
-    return values[torch.arange(len(responses)), last].tolist()
+    return values[torch.arange(len(responses)), last].tolist()  # type: ignore[no-any-return]
+
+
+def _mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """The mean and its 95 % confidence interval (normal approximation)."""
+    mean = statistics.fmean(values)
+    half_width = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, (mean - half_width, mean + half_width)
 
 
 class RewardScore(Evaluator):
@@ -55,17 +59,19 @@ class RewardScore(Evaluator):
     def applies(self, run: EvalRun) -> bool:
         return run.reward_model is not None
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
         scores = _rewards(run, run.prompts, model.responses)
-        reference = _rewards(run, run.prompts, run.reference.responses)
-        mean = statistics.fmean(scores)
-        half_width = 1.96 * statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+        if ("reward_model", "reference") not in run.memo:  # the reference is scored once per run
+            run.memo["reward_model", "reference"] = _rewards(run, run.prompts, run.reference.responses)
+        reference = run.memo["reward_model", "reference"]
+        mean, ci95 = _mean_ci95(scores)
         wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, reference, strict=True))
-        return {
-            "reward": {"mean": mean, "ci95": [mean - half_width, mean + half_width], "n": len(scores)},
-            "reward_scores": scores,
-            "win_rate": wins / len(scores),
-        }
+        return [
+            Metric("win_rate", wins / len(scores), "win rate", n=len(scores), higher_is_better=True, headline=True),
+            Metric(
+                "reward", mean, "reward", ci95=ci95, n=len(scores), samples=scores, higher_is_better=True, headline=True
+            ),
+        ]
 
 
 class KLToReference(Evaluator):
@@ -73,12 +79,24 @@ class KLToReference(Evaluator):
 
     name = "kl"
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
-        batch = _sequences(run.prompts, model.responses, run.tokenizer.pad_token_id)
-        ours = _response_logprobs(run.model(model.path), batch)
-        theirs = _response_logprobs(run.model(run.reference.path), batch)
-        per_response = (ours - theirs).sum(1)
-        return {"kl": per_response.mean().item()}
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
+        pad = run.tokenizer.pad_token_id
+        ours = _logprobs(run.model(model.path), run.prompts, model.responses, pad)
+        theirs = _logprobs(run.model(run.reference.path), run.prompts, model.responses, pad)
+        per_response = (ours - theirs).sum(1).tolist()
+        mean, ci95 = _mean_ci95(per_response)
+        return [
+            Metric(
+                "kl",
+                mean,
+                "KL",
+                ci95=ci95,
+                n=len(per_response),
+                samples=per_response,
+                higher_is_better=False,
+                headline=True,
+            )
+        ]
 
 
 class ResponseLength(Evaluator):
@@ -86,12 +104,21 @@ class ResponseLength(Evaluator):
 
     name = "length"
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
         eos = run.tokenizer.eos_token_id
-        return {
-            "response_length": statistics.fmean(len(r) for r in model.responses),
-            "ended_share": statistics.fmean(1.0 if r and r[-1] == eos else 0.0 for r in model.responses),
-        }
+        lengths = [float(len(r)) for r in model.responses]
+        return [
+            Metric(
+                "response_length", statistics.fmean(lengths), "length", n=len(lengths), samples=lengths, headline=True
+            ),
+            Metric(
+                "ended_share",
+                statistics.fmean(1.0 if r and r[-1] == eos else 0.0 for r in model.responses),
+                "ended",
+                n=len(lengths),
+                higher_is_better=True,
+            ),
+        ]
 
 
 class RuleRewards(Evaluator):
@@ -102,12 +129,25 @@ class RuleRewards(Evaluator):
     def applies(self, run: EvalRun) -> bool:
         return bool(run.settings.reward_functions)
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
-        found = {}
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
+        found = []
         for name in run.settings.reward_functions:
             function = run.plugins.get("reward function", name)
-            found[name] = statistics.fmean(function(run.prompt_texts, model.texts))
-        return {"reward_functions": found}
+            scores = [float(v) for v in function(run.prompt_texts, model.texts)]
+            mean, ci95 = _mean_ci95(scores)
+            found.append(
+                Metric(
+                    name,
+                    mean,
+                    f"{name} (rule)",
+                    ci95=ci95,
+                    n=len(scores),
+                    samples=scores,
+                    higher_is_better=True,
+                    headline=True,
+                )
+            )
+        return found
 
 
 class Perplexity(Evaluator):
@@ -118,12 +158,12 @@ class Perplexity(Evaluator):
     def applies(self, run: EvalRun) -> bool:
         return run.settings.data is not None
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
         import torch
 
         from align.render import IGNORE
 
-        rows = _rendered(run, "sft")
+        rows = _rendered(run, CONVERSATIONS)
         policy = run.model(model.path)
         total, count = 0.0, 0
         with torch.no_grad():
@@ -133,7 +173,16 @@ class Perplexity(Evaluator):
                 keep = targets != IGNORE
                 losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
                 total, count = total + losses.item(), count + int(keep.sum())
-        return {"perplexity": math.exp(total / max(count, 1))}
+        return [
+            Metric(
+                "perplexity",
+                math.exp(total / max(count, 1)),
+                "perplexity",
+                n=count,
+                higher_is_better=False,
+                headline=True,
+            )
+        ]
 
 
 class PreferenceAccuracy(Evaluator):
@@ -144,25 +193,46 @@ class PreferenceAccuracy(Evaluator):
     def applies(self, run: EvalRun) -> bool:
         return run.settings.pairs is not None
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
-        rows = _rendered(run, "preference")
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
+        rows = _rendered(run, PREFERENCES)
         prompts = rows["prompt_ids"]
-        found: dict[str, float] = {}
+        found = []
         if run.reward_model is not None:
-            chosen = _rewards(run, prompts, rows["chosen_ids"])
-            rejected = _rewards(run, prompts, rows["rejected_ids"])
-            found["reward_model"] = statistics.fmean(c > r for c, r in zip(chosen, rejected, strict=True))
+            if ("preference_accuracy", "reward_model") not in run.memo:  # the same for every model
+                chosen = _rewards(run, prompts, rows["chosen_ids"])
+                rejected = _rewards(run, prompts, rows["rejected_ids"])
+                run.memo["preference_accuracy", "reward_model"] = [
+                    1.0 if c > r else 0.0 for c, r in zip(chosen, rejected, strict=True)
+                ]
+            correct = run.memo["preference_accuracy", "reward_model"]
+            found.append(
+                Metric(
+                    "preference_accuracy/reward_model",
+                    statistics.fmean(correct),
+                    "pref. accuracy (reward model)",
+                    n=len(correct),
+                    higher_is_better=True,
+                )
+            )
         if model.path != run.reference.path:
             pad = run.tokenizer.pad_token_id
             margins = []
             for side in ("chosen_ids", "rejected_ids"):
-                batch = _sequences(prompts, rows[side], pad)
-                ratio = _response_logprobs(run.model(model.path), batch) - _response_logprobs(
-                    run.model(run.reference.path), batch
+                ratio = _logprobs(run.model(model.path), prompts, rows[side], pad) - _logprobs(
+                    run.model(run.reference.path), prompts, rows[side], pad
                 )
                 margins.append((run.settings.dpo_beta * ratio.sum(1)).tolist())
-            found["implicit_reward"] = statistics.fmean(c > r for c, r in zip(*margins, strict=True))
-        return {"preference_accuracy": found}
+            correct = [1.0 if c > r else 0.0 for c, r in zip(*margins, strict=True)]
+            found.append(
+                Metric(
+                    "preference_accuracy/implicit_reward",
+                    statistics.fmean(correct),
+                    "pref. accuracy (implicit reward)",
+                    n=len(correct),
+                    higher_is_better=True,
+                )
+            )
+        return found
 
 
 class TaskMetrics(Evaluator):
@@ -173,25 +243,34 @@ class TaskMetrics(Evaluator):
     def applies(self, run: EvalRun) -> bool:
         return run.settings.data is not None and bool(run.settings.task_metrics)
 
-    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> dict[str, Any]:
+    def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
         from align.data import DataSource, dataset_dirs, load_examples, resolve, sources
         from align.render import Renderer
         from align.rollout import Sampling
 
-        formats = {name: e.obj for name, e in run.plugins.registry("dataset format").items()}
-        examples = []
-        for source in sources(run.settings.data):  # type: ignore[arg-type]
-            entry = resolve(DataSource(source.dataset).dataset, dataset_dirs(run.dataset_dir))
-            examples += load_examples(entry, formats, format_name=source.format)[0]
-        examples = [e for e in examples if not e.is_preference][: run.settings.samples]
+        if "task_metrics" not in run.memo:  # the held-out examples, read once per run
+            formats = {name: e.obj for name, e in run.plugins.registry("dataset format").items()}
+            examples = []
+            for source in sources(run.settings.data):  # type: ignore[arg-type]
+                entry = resolve(DataSource(source.dataset).dataset, dataset_dirs(run.dataset_dir))
+                examples += load_examples(entry, formats, format_name=source.format)[0]
+            run.memo["task_metrics"] = [e for e in examples if not e.is_preference][: run.settings.samples]
+        examples = run.memo["task_metrics"]
         renderer = Renderer(run.tokenizer, 1 << 30)
-        engine = run.plugins.get("rollout engine", "hf")
-        session = engine.start(run.model(model.path), model.path, run.tokenizer, engine.Config())
         sampling = Sampling(max_new_tokens=run.settings.max_new_tokens, greedy=True, seed=run.settings.seed)
-        responses = session.generate([renderer.prompt_ids(e.prompt) for e in examples], sampling)
+        responses = run.generate(model.path, [renderer.prompt_ids(e.prompt) for e in examples], sampling)
         predictions = [run.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         references = [e.messages[-1]["content"] for e in examples]
-        return {"task_metrics": {name: _metric(name, predictions, references) for name in run.settings.task_metrics}}
+        return [
+            Metric(
+                name,
+                _metric(name, predictions, references),
+                Path(name).stem,
+                n=len(examples),
+                higher_is_better=True if (METRICS / f"{name}.py").is_file() else None,  # align's own: scores
+            )
+            for name in run.settings.task_metrics
+        ]
 
 
 def _metric(name: str, predictions: list[str], references: list[str]) -> float:
@@ -211,14 +290,17 @@ def _metric(name: str, predictions: list[str], references: list[str]) -> float:
     return float(next(iter(computed.values()))) if len(computed) == 1 else float(computed.get(name, 0.0))
 
 
-def _rendered(run: EvalRun, kind: Literal["sft", "preference"]) -> dict[str, list[list[int]]]:
+def _rendered(run: EvalRun, kind: str) -> dict[str, list[list[int]]]:
+    """``data`` (conversations) or ``pairs`` (preferences), rendered as the data kind ``kind``."""
     from align.prepare import prepare
     from align.render import Renderer
 
-    data = run.settings.data if kind == "sft" else run.settings.pairs
-    assert data is not None  # the evaluators that call this apply only when it is given
-    prepared = prepare(data, Renderer(run.tokenizer, 4096), run.plugins, kind=kind, dataset_dir=run.dataset_dir)
-    return {k: v[: run.settings.samples] for k, v in prepared.train.items()}
+    if ("rendered", kind) not in run.memo:  # rendered once per run, for every model
+        data = run.settings.data if kind == CONVERSATIONS else run.settings.pairs
+        assert data is not None  # the evaluators that call this apply only when it is given
+        prepared = prepare(data, Renderer(run.tokenizer, 4096), run.plugins, kind=kind, dataset_dir=run.dataset_dir)
+        run.memo["rendered", kind] = {k: v[: run.settings.samples] for k, v in prepared.train.items()}
+    return run.memo["rendered", kind]  # type: ignore[no-any-return]
 
 
 @hookimpl

@@ -138,6 +138,7 @@ class TinyLlamaSource(ModelSource):
     """A tiny random Llama and tokenizer, built offline in about a second and cached by its settings."""
 
     name = "tiny-llama"
+    fallback = True  # offline and quick: what `align data preview` shows a dataset with by default
     Config = TinyLlamaConfig
 
     def fingerprint(self, config: TinyLlamaConfig) -> str:

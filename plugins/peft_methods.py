@@ -23,6 +23,7 @@ class Full(PeftMethod):
     """Train every parameter."""
 
     name = "full"
+    fallback = True  # every weight trains unless a stage names another method
     Config = FullConfig
 
 

@@ -296,8 +296,8 @@ class _PPO:
         import torch
 
         from align.rollout import Sampling
+        from align.sequences import pack
         from align.stages.ppo_math import gae, kl_per_token, whiten
-        from align.stages.ppo_model import pack
 
         config, tokenizer = self.config, self.tokenizer
         sampling = Sampling(
@@ -431,7 +431,7 @@ class _PPO:
     def _scores(self, prompts: list[list[int]], responses: list[list[int]], batch: dict[str, Any]) -> Any:
         import torch
 
-        from align.stages.ppo_model import token_values
+        from align.sequences import token_values
 
         scores = torch.zeros(len(responses), device=self.device)
         if self.reward_model is not None:

@@ -23,21 +23,42 @@ def results_of(output: Path) -> dict:
     return json.loads((output / "results.json").read_text())
 
 
-def test_the_quickstarts_eval_stage_shows_that_ppo_helped(quickstart):
+def value(results: dict, model: str, metric: str) -> float:
+    return results["models"][model]["metrics"][metric]["value"]
+
+
+def test_the_quickstarts_eval_stage_compares_every_policy_with_sft(quickstart):
     results = results_of(quickstart / "eval")
-    assert results["schema"] == "align.eval/1"
-    sft, ppo = results["models"]["sft"], results["models"]["ppo"]
-    assert ppo["reward"]["mean"] > sft["reward"]["mean"]  # PPO's policy beats SFT's on reward-model score
-    assert ppo["win_rate"] >= 0.5  # and the gate min_win_rate: 0.5 passed
-    assert ppo["reward_functions"]["sentiment"] > sft["reward_functions"]["sentiment"]
-    assert ppo["preference_accuracy"]["reward_model"] >= 0.9  # the RM ranks held-out pairs
-    assert 0 <= ppo["preference_accuracy"]["implicit_reward"] <= 1
+    assert results["schema"] == "align.eval/2"
+    assert list(results["models"]) == ["sft", "ppo", "dpo"]  # every policy-producing stage, by capability
+    assert value(results, "ppo", "reward") > value(results, "sft", "reward")  # PPO beats SFT on RM score
+    for policy in ("ppo", "dpo"):
+        assert value(results, policy, "win_rate") >= 0.5  # the gate min_win_rate: 0.5 passed for both
+    assert value(results, "ppo", "sentiment") > value(results, "sft", "sentiment")
+    assert value(results, "ppo", "preference_accuracy/reward_model") >= 0.9  # the RM ranks held-out pairs
+    assert 0 <= value(results, "dpo", "preference_accuracy/implicit_reward") <= 1
+    assert "preference_accuracy/implicit_reward" not in results["models"]["sft"]["metrics"]  # π = π_ref
     for name in ("exact_match", "bleu", "rouge_l"):
-        assert 0 <= ppo["task_metrics"][name] <= 1
-    assert ppo["perplexity"] > 1 and ppo["response_length"] > 0
+        assert 0 <= value(results, "ppo", name) <= 1
+    assert value(results, "ppo", "perplexity") > 1 and value(results, "ppo", "response_length") > 0
+
+    reward = results["models"]["ppo"]["metrics"]["reward"]
+    assert reward["evaluator"] == "reward_model" and reward["n"] == results["prompts"] == 64
+    low, high = reward["ci95"]
+    assert low < reward["value"] < high and reward["higher_is_better"] is True and reward["headline"] is True
+    scores = results["models"]["ppo"]["samples"]["reward"]
+    assert len(scores) == 64 and abs(sum(scores) / 64 - reward["value"]) < 1e-9
+    assert set(results) == {"schema", "settings", "reference", "reward_model", "prompts", "models"}
+    assert results["settings"]["engine"] == "hf"  # the fallback engine, as resolved, is recorded
+
     assert (quickstart / "eval" / "report.md").read_text().startswith("# Evaluation")
-    summary = json.loads((quickstart / "summary.json").read_text())
-    assert summary["stages"]["eval"]["metrics"]["win_rate"] == ppo["win_rate"]
+    metrics = json.loads((quickstart / "summary.json").read_text())["stages"]["eval"]["metrics"]
+    for policy in ("ppo", "dpo"):  # headline rows, per policy
+        assert metrics[f"{policy}_win_rate"] == value(results, policy, "win_rate")
+        assert metrics[f"{policy}_kl"] == value(results, policy, "kl")
+    assert metrics["ppo_sentiment"] == value(results, "ppo", "sentiment")
+    assert "ppo_ended_share" not in metrics  # not a headline row
+    assert list(metrics)[:2] == ["ppo_win_rate", "dpo_win_rate"]  # the compared policies come first
 
 
 def test_a_model_compared_with_itself_wins_half_the_time_at_zero_kl(quickstart, tmp_path):
@@ -57,8 +78,8 @@ def test_a_model_compared_with_itself_wins_half_the_time_at_zero_kl(quickstart, 
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    same = results_of(output)["models"]["same"]
-    assert same["win_rate"] == 0.5 and same["kl"] == 0.0
+    same = results_of(output)["models"]["same"]["metrics"]
+    assert same["win_rate"]["value"] == 0.5 and same["kl"]["value"] == 0.0
 
 
 def test_the_same_command_gives_the_same_numbers(quickstart, tmp_path):
@@ -80,6 +101,129 @@ def test_the_same_command_gives_the_same_numbers(quickstart, tmp_path):
     assert first.returncode == second.returncode == 0, first.stderr[-2000:]
     assert results_of(tmp_path / "a") == results_of(tmp_path / "b")
     assert results_of(tmp_path / "a")["settings"]["seed"] == 0  # the sampling is recorded
+
+
+VOWELS_PLUGIN = """
+from align import hookimpl
+from align.evaluation import Evaluator, Metric
+
+
+class VowelShare(Evaluator):
+    \"\"\"A third party's evaluator: the share of vowels in each response.\"\"\"
+
+    name = "vowels"
+
+    def evaluate(self, run, model):
+        shares = [sum(c in "aeiou" for c in text) / max(len(text), 1) for text in model.texts]
+        mean = sum(shares) / len(shares)
+        return [
+            Metric("vowel_share", mean, "vowel share (plugin)", n=len(shares), samples=shares, headline=True),
+            Metric("vowel_count", 1234.5678, "vowels counted (plugin)", higher_is_better=False),
+        ]
+
+
+@hookimpl
+def align_register_evaluators():
+    return [VowelShare()]
+"""
+
+
+def test_a_third_party_evaluator_reaches_results_and_both_reports(quickstart, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "vowels.py").write_text(VOWELS_PLUGIN)
+    output = tmp_path / "out"
+    result = run_align(
+        "eval",
+        "--plugins-dir",
+        str(plugins),
+        "--model",
+        str(quickstart / "ppo"),
+        "--reference",
+        str(quickstart / "sft"),
+        "--samples",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--output",
+        str(output),
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = results_of(output)
+    row = results["models"]["ppo"]["metrics"]["vowel_share"]
+    assert row["evaluator"] == "vowels" and row["label"] == "vowel share (plugin)" and row["n"] == 8
+    assert 0 < row["value"] < 1 and len(results["models"]["ppo"]["samples"]["vowel_share"]) == 8
+    assert results["models"]["ppo"]["metrics"]["vowel_count"]["value"] == 1234.5678
+    assert "kl" in results["models"]["ppo"]["metrics"]  # beside the built-ins
+
+    shown = f"{row['value']:.3f}"
+    markdown = (output / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    assert "vowel share (plugin) |" in header and "vowels counted (plugin) ↓ |" in header
+    ppo_line = next(line for line in markdown.splitlines() if line.startswith("| ppo |"))
+    assert shown in ppo_line and "1234.6" in ppo_line
+    page = (output / "report.html").read_text()
+    assert "<th>vowel share (plugin)</th>" in page and f"<td>{shown}</td>" in page
+    assert "vowel share (plugin): distribution per model" in page  # it has samples: a distribution
+    assert "<figcaption>vowels counted (plugin) ↓</figcaption>" in page  # and a bar chart per metric
+
+
+def test_an_evaluator_returning_the_old_dictionaries_is_named(quickstart):
+    from align import hookimpl
+    from align.evaluation import Evaluator
+
+    class Old(Evaluator):
+        name = "old_style"
+
+        def evaluate(self, run, model):
+            return {"score": 1.0}
+
+    class Plugin:
+        @hookimpl
+        def align_register_evaluators(self):
+            return [Old()]
+
+    pm = get_plugin_manager()
+    pm.add_plugin(Plugin(), "old_style_plugin")
+    settings = EvalSettings(samples=2, max_new_tokens=4, evaluators=["old_style"])
+    with pytest.raises(AlignError, match="evaluator 'old_style' returned dict, not a list of Metric rows"):
+        evaluate_models({"ppo": str(quickstart / "ppo")}, str(quickstart / "sft"), None, settings, pm)
+
+
+def test_the_reports_draw_whatever_rows_they_are_given():
+    from align.report import html_report, markdown_report
+
+    def row(value, **extra):
+        return {"value": value, "label": None, "evaluator": "x", "ci95": None, "n": None, "higher_is_better": None,
+                "headline": False, **extra}  # fmt: skip
+
+    results = {
+        "schema": "align.eval/2",
+        "settings": {"temperature": 0.7, "seed": 0, "engine": "some-engine"},
+        "reference": "/ckpt/a",
+        "reward_model": None,
+        "prompts": 3,
+        "models": {
+            "a": {"path": "/ckpt/a", "metrics": {"m1": row(-2.5, label="first")}, "samples": {}, "examples": []},
+            "b": {
+                "path": "/ckpt/b",
+                "metrics": {
+                    "m1": row(1.25, label="first", ci95=[0.5, 2.0], higher_is_better=True),
+                    "m2": row(0.0),
+                },
+                "samples": {"m1": [0.5, 1.25, 2.0]},
+                "examples": [{"prompt": "a | b", "response": "c\nd"}],
+            },
+        },
+    }
+    markdown = markdown_report(results)
+    assert "| model | first | m2 |" in markdown
+    assert "| a (reference) | -2.500 | - |" in markdown and "| b | 1.250 [0.500, 2.000] | 0.000 |" in markdown
+    assert "- **a \\| b** → c d" in markdown
+    page = html_report(results)
+    assert page.count("<svg") == 3  # two bar charts (m1, m2), one distribution (m1 has samples)
+    assert "some-engine" in page and "<td>1.250 [0.500, 2.000]</td>" in page
 
 
 def test_mt_bench_questions_are_a_prompt_set(quickstart, tmp_path):
@@ -172,6 +316,8 @@ def test_a_missed_gate_fails_the_run_saying_which(quickstart, tmp_path):
     assert result.returncode == 1
     assert "[1/5] sft: cached" in result.stderr
     assert "gate missed: ppo's win rate against sft is" in result.stderr and "below min_win_rate 0.99" in result.stderr
+    assert "; dpo's win rate against sft is" in result.stderr  # every policy but the reference is gated
+    assert "sft's win rate" not in result.stderr
     summary = json.loads((copy / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["stages"]["eval"]["status"] == "failed"
 
@@ -186,7 +332,11 @@ def test_the_html_report_opens_offline_and_is_not_blank(quickstart, tmp_path):
         pytest.skip("Chromium is not installed (the README's test command installs it)")
     page = (quickstart / "eval" / "report.html").read_text()
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
-    assert page.count("<svg") == 3  # score distributions, win rates, reward against KL
+    results = results_of(quickstart / "eval")
+    metrics = {name for entry in results["models"].values() for name in entry["metrics"]}
+    sampled = {name for entry in results["models"].values() for name in entry["samples"]}
+    assert sampled == {"reward", "kl", "response_length", "sentiment"}
+    assert page.count("<svg") == len(metrics) + len(sampled)  # a bar chart per metric, a distribution per sampled
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [

@@ -90,10 +90,10 @@ def test_dpo_starts_at_ln2_and_its_reward_accuracy_rises(tmp_path):
     assert summary.status == "done", summary.error
     log = [r for r in metrics_log(tmp_path / "run", "dpo") if "rewards/accuracies" in r]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step one
-    first, last = log[0]["rewards/accuracies"], summary.stages["dpo"].metrics["reward_accuracy"]
+    first, last = log[0]["rewards/accuracies"], summary.stages["dpo"].metrics["train_reward_accuracy"]
     assert first < 0.5 and last >= 0.9
-    assert summary.stages["dpo"].metrics["eval_reward_accuracies"] >= 0.8  # on held-out pairs
-    assert summary.stages["dpo"].metrics["reward_margin"] > 0
+    assert summary.stages["dpo"].metrics["eval_reward_accuracy"] >= 0.8  # on held-out pairs
+    assert summary.stages["dpo"].metrics["train_reward_margin"] > 0
     assert (
         json.loads((tmp_path / "run" / "dpo" / "align-manifest.json").read_text())["inputs"]["policy"]["producer"]
         == "base"
@@ -385,4 +385,4 @@ def test_the_dpo_example_runs_from_the_readme(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["dpo"]["metrics"]
     assert metrics["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert metrics["eval_reward_accuracies"] > 0.7
+    assert metrics["eval_reward_accuracy"] > 0.7
