@@ -297,6 +297,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    import inspect
+
     from align.schema import describe, did_you_mean
 
     pm = _plugin_manager(args)
@@ -312,7 +314,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             hint="stages, model sources, PEFT methods and rollout engines can be explained",
         )
     print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
-    print((obj.__doc__ or type(obj).__doc__ or "").strip())
+    print(inspect.getdoc(obj) or "")
     for line in obj.facts() if kind == "stage" else []:
         print(f"  {line}")
     for role, spec in getattr(obj, "inputs", {}).items():

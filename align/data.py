@@ -321,7 +321,7 @@ def load_examples(
             example = fmt.convert(row, columns, tags, entry.ranking)
             if columns.get("kto_tag"):  # LLaMA-Factory's column of unpaired feedback, for every format
                 example.label = _desirable(row, columns["kto_tag"])
-            example.columns = {k: v for k, v in row.items() if k not in read}
+            example.columns = {**{k: v for k, v in row.items() if k not in read}, **example.columns}
             examples.append(example.validate(allow_prompts))
         except BadRow as bad:
             if on_bad_row == "error":

@@ -132,8 +132,10 @@ def align_register_evaluators() -> Sequence[Evaluator]:
     """Register evaluators: measurements of a checkpoint made by ``align eval`` and the eval stage.
 
     Every registered evaluator that applies (``applies``: a reward model given, held-out data given, …)
-    runs, unless an evaluation's ``evaluators`` list names a subset. Each returns entries for the
-    model's part of ``results.json``.
+    runs, unless an evaluation's ``evaluators`` list names a subset. Each returns typed rows
+    (:class:`align.evaluation.Metric`: a value, and optionally a confidence interval, a count and the
+    per-response samples), which ``results.json``, ``report.md`` and ``report.html`` show without
+    knowing the evaluator.
 
     :returns: :class:`align.evaluation.Evaluator` instances (``reward_model``, ``kl``, ``perplexity``, …).
     """

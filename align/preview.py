@@ -44,7 +44,11 @@ def preview(
     formats = {name: e.obj for name, e in plugins.registry("dataset format").items()}
     kinds = {name: e.obj for name, e in plugins.registry("data kind").items()}
     examples, loaded = load_examples(
-        entry, formats, on_bad_row, format_name=format_name, allow_prompts=True  # type: ignore[arg-type]
+        entry,
+        formats,
+        on_bad_row,
+        format_name=format_name,
+        allow_prompts=True,  # type: ignore[arg-type]
     )
     kind = kind_of(examples[0], kinds)
     rows, rendered = kinds[kind].render(renderer, as_kind(examples, kinds[kind], plugins, entry.name), entry.name)

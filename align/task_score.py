@@ -61,14 +61,20 @@ def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any
     renderer = Renderer(tokenizer, max_length=1 << 30)
     prompt_ids = [renderer.prompt_ids(p) for p in prompts]
     engine = engine_named(plugins, settings.engine)
-    session = engine.start(model, "", tokenizer, engine.Config())
+    options = engine.Config()
+    engine.check(options)
+    session = engine.start(model, getattr(model, "name_or_path", ""), tokenizer, options)
     sampling = Sampling(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature or 1.0,
         greedy=settings.temperature == 0,
         seed=settings.seed,
     )
-    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in session.generate(prompt_ids, sampling)]
+    try:
+        generated = session.generate(prompt_ids, sampling)
+    finally:
+        session.close()
+    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
     scores = rule(texts, responses)
     return {"task_score": statistics.fmean(scores), "task_score_std": statistics.pstdev(scores)}

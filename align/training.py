@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -71,20 +71,26 @@ TRL_EXPERIMENTAL = {
 
 
 def trl_class(name: str) -> type:
-    """One of TRL's trainer or config classes by name, wherever this TRL keeps it."""
-    import importlib
+    """One of TRL's trainer or config classes by name, wherever this TRL keeps it.
 
+    :param name: a class name (``"KTOTrainer"``), looked up in ``trl`` and, for the classes TRL keeps in
+        ``trl.experimental``, where :data:`TRL_EXPERIMENTAL` says; or ``"module:Class"`` for any other
+        (``"trl.experimental.tpo:TPOTrainer"``).
+    """
+    import importlib
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # align, not the user, chose the experimental class
     import trl
 
-    module = TRL_EXPERIMENTAL.get(name)
+    module, _, attribute = name.rpartition(":") if ":" in name else (TRL_EXPERIMENTAL.get(name, "trl"), "", name)
     try:
-        found = getattr(importlib.import_module(module), name) if module else getattr(trl, name)
+        found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError):
-        where = f"{module}.{name}" if module else f"trl.{name}"
         raise AlignError(
-            f"the installed TRL ({trl.__version__}) has no {where}",
-            hint="align is tested with the TRL of constraints.txt; install that version, or update "
-            "align.training.TRL_EXPERIMENTAL if TRL moved the class",
+            f"the installed TRL ({trl.__version__}) has no {module}.{attribute}",
+            hint="align is tested with the TRL of constraints.txt; install that version, or name the class "
+            "where this TRL keeps it (`module:Class`)",
         ) from None
     return found  # type: ignore[no-any-return]
 
@@ -194,19 +200,25 @@ def _last_logged(trainer: Any, names: Mapping[str, str]) -> dict[str, float]:
     return found
 
 
-def _held_out(evaluated: Mapping[str, Any], datasets: Sequence[str], names: Mapping[str, str]) -> dict[str, float]:
-    """Held-out metrics from ``trainer.evaluate()`` on several datasets: ``eval_<dataset>_<name>`` where the
-    trainer reports them per dataset (the loss), and ``eval_<name>``: their mean, or the value TRL pools
-    over every held-out dataset (its own metrics, such as DPO's reward accuracy, carry no dataset)."""
+def _held_out(trainer: Any, names: Mapping[str, str]) -> dict[str, float]:
+    """``eval_<dataset>_<name>`` for each held-out dataset, and ``eval_<name>``, their mean.
+
+    Each dataset is evaluated on its own: TRL logs its own metrics (DPO's reward accuracy, say) without
+    the dataset's name, so one ``evaluate()`` over all of them would keep only the last dataset's.
+    """
     found: dict[str, float] = {}
     names = {"loss": "loss", **names}
-    for logged, reported in names.items():
-        per_dataset = {d: float(evaluated[f"eval_{d}_{logged}"]) for d in datasets if f"eval_{d}_{logged}" in evaluated}
-        found.update({f"eval_{d}_{reported}": value for d, value in per_dataset.items()})
-        if per_dataset:
-            found[f"eval_{reported}"] = sum(per_dataset.values()) / len(per_dataset)
-        elif f"eval_{logged}" in evaluated:
-            found[f"eval_{reported}"] = float(evaluated[f"eval_{logged}"])
+    datasets = trainer.eval_dataset  # as the trainer prepared them
+    for dataset in datasets:
+        evaluated = trainer.evaluate(eval_dataset=datasets[dataset], metric_key_prefix=f"eval_{dataset}")
+        for logged, reported in names.items():
+            value = evaluated.get(f"eval_{dataset}_{logged}", evaluated.get(f"eval_{logged}"))
+            if value is not None:
+                found[f"eval_{dataset}_{reported}"] = float(value)
+    for reported in names.values():
+        values = [found[key] for d in datasets if (key := f"eval_{d}_{reported}") in found]
+        if values:
+            found[f"eval_{reported}"] = sum(values) / len(values)
     return found
 
 
@@ -397,7 +409,6 @@ class TRLStage(Stage):
 
     def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
         plugins.get("data kind", self.data_kind)
-        trl_class(self.trainer)
         check_score(getattr(config, "score", None), plugins)
 
     def facts(self) -> list[str]:
@@ -431,12 +442,14 @@ class TRLStage(Stage):
         metrics = _loss_metrics(trainer, train(trainer, context))
         metrics.update(_last_logged(trainer, self.metrics))
         if held_out:
-            metrics.update(_held_out(trainer.evaluate(), list(held_out), self.metrics))
+            metrics.update(_held_out(trainer, self.metrics))
         metrics.update(self.extra_metrics(trainer, data, config))
         if getattr(config, "score", None) is not None:
             from align.task_score import task_score
 
             metrics.update(task_score(trainer.model, tokenizer, config.score, context))
+        if "ref" in getattr(trainer.model, "peft_config", {}):  # TRL's copy of the fresh adapter, as reference
+            trainer.model.delete_adapter("ref")
         save(trainer, tokenizer, context)
         return metrics
 

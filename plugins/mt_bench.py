@@ -28,7 +28,7 @@ class MTBench(DatasetFormat):
         turns = require_list(row, columns["turns"])
         if not turns or not isinstance(turns[0], str):
             raise BadRow("wrong_type", f"the column '{columns['turns']}' must be a list of questions (strings)")
-        return Example([{"role": "user", "content": turns[0]}], extra={"category": row.get("category")})
+        return Example([{"role": "user", "content": turns[0]}])  # its other columns (category…) travel along
 
 
 @hookimpl

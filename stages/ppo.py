@@ -32,9 +32,9 @@ from align import AlignError, hookimpl
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.peft_method import peft_setting
 from align.prepare import data_files
-from align.schema import setting
+from align.schema import build, setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage, StageContext
-from align.task_score import ScoreSettings, score_setting
+from align.task_score import ScoreSettings, check_score, score_setting
 
 
 @dataclass
@@ -103,6 +103,13 @@ class PPOStage(Stage):
 
     def data_files(self, config: PPOSettings, recipe: Any) -> list[Path]:
         return data_files(config.data, recipe.dataset_dir)
+
+    def check(self, config: PPOSettings, recipe: Any, plugins: Any) -> None:
+        for name in config.reward_functions:
+            plugins.get("reward function", name)
+        engine = plugins.get("rollout engine", config.engine)
+        engine.check(build(engine.Config, config.engine_options, f"stages.{self.name}.engine_options"))
+        check_score(config.score, plugins)
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         return _PPO(context).run()

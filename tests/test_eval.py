@@ -327,9 +327,6 @@ def chromium() -> str | None:
 
 
 def test_the_html_report_opens_offline_and_is_not_blank(quickstart, tmp_path):
-    browser = chromium()
-    if browser is None:
-        pytest.skip("Chromium is not installed (the README's test command installs it)")
     page = (quickstart / "eval" / "report.html").read_text()
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
     results = results_of(quickstart / "eval")
@@ -337,6 +334,9 @@ def test_the_html_report_opens_offline_and_is_not_blank(quickstart, tmp_path):
     sampled = {name for entry in results["models"].values() for name in entry["samples"]}
     assert sampled == {"reward", "kl", "response_length", "sentiment"}
     assert page.count("<svg") == len(metrics) + len(sampled)  # a bar chart per metric, a distribution per sampled
+    browser = chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (the README's test command installs it)")
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [

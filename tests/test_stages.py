@@ -122,6 +122,7 @@ def test_a_lora_chain_hands_adapters_on_by_merging(tmp_path):
         config = PeftConfig.from_pretrained(run_dir / stage)  # every output is an adapter peft loads
         if base is not None:
             assert config.base_model_name_or_path == str(base)  # stacked on the merged sft adapter
+    assert not (run_dir / "dpo" / "ref").exists()  # TRL's reference copy of the adapter is not published
     assert summary.stages["rm"].metrics["eval_accuracy"] >= 0.7
 
     result = run_align("export", str(run_dir / "dpo"), str(tmp_path / "merged"), "--merge")
