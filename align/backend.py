@@ -19,7 +19,14 @@ from typing import Any, Literal
 from align.errors import AlignError
 from align.schema import setting
 
-__all__ = ["Backend", "is_main_process", "join_process_group", "trainer_arguments", "wait_for_everyone"]
+__all__ = [
+    "BACKEND_OPTIONS",
+    "Backend",
+    "is_main_process",
+    "join_process_group",
+    "trainer_arguments",
+    "wait_for_everyone",
+]
 
 #: Set in the processes that ``align run`` launches, so that they run instead of launching again.
 LAUNCHED_ENV = "ALIGN_LAUNCHED"
@@ -35,12 +42,16 @@ class Backend:
         "ZeRO sharding (see zero_stage). `fsdp`: fully sharded data parallel (GPU only).",
     )
     num_processes: int = setting(
-        1, help="Processes per machine: usually one per GPU; on a CPU, 2 or more run DDP or DeepSpeed over gloo."
+        1,
+        help="Processes per machine: usually one per GPU; on a CPU, 2 or more run DDP or DeepSpeed over gloo.",
+        minimum=1,
     )
-    num_machines: int = setting(1, help="Machines taking part; start `align run` on each with its machine_rank.")
-    machine_rank: int = setting(0, help="This machine's rank, 0 to num_machines - 1.")
+    num_machines: int = setting(
+        1, help="Machines taking part; start `align run` on each with its machine_rank.", minimum=1
+    )
+    machine_rank: int = setting(0, help="This machine's rank, 0 to num_machines - 1.", minimum=0)
     main_address: str | None = setting(None, help="Address of machine 0 (needed when num_machines > 1).")
-    main_port: int = setting(29500, help="Port machine 0 listens on for the others.")
+    main_port: int = setting(29500, help="Port machine 0 listens on for the others.", minimum=1, maximum=65535)
     zero_stage: Literal[1, 2, 3] = setting(
         2, help="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."
     )
@@ -139,6 +150,20 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+#: The trainer options :func:`trainer_arguments` sets from ``backend:``, with what a recipe sets instead. A
+#: stage's pass-through settings may not set them: they would silently replace the backend for one stage.
+BACKEND_OPTIONS = {
+    "bf16": "set the precision for every stage with `backend: {precision: bf16}`",
+    "fp16": "set the precision for every stage with `backend: {precision: fp16}` (GPU only)",
+    "use_cpu": "align uses the GPUs when there are any, else the CPU",
+    "ddp_backend": "align picks the process group for `backend: {kind: ...}` (gloo on a CPU)",
+    "deepspeed": "use `backend: {kind: deepspeed, zero_stage: N}` (with offload_optimizer, offload_params)",
+    "fsdp": "use `backend: {kind: fsdp}`",
+    "fsdp_config": "use `backend: {kind: fsdp}`",
+    "local_rank": "`align run` starts the processes of `backend: {num_processes: N}` and numbers them itself",
+}
 
 
 def trainer_arguments(backend: Backend) -> dict[str, Any]:

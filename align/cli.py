@@ -16,8 +16,12 @@ from pathlib import Path
 
 from align.errors import AlignError
 
-EXIT_FAILED = 1  # the work itself failed (a stage raised)
-EXIT_USAGE = 2  # the input was wrong: recipe, overrides, plugins
+EXIT_FAILED = 1  # the work itself failed (a stage raised, the disk filled up during a stage)
+EXIT_USAGE = 2  # the input was wrong (recipe, overrides, plugins), or the run folder cannot be used: a file,
+# read-only, or in use by another run; found before any work. Also an export the last run does not vouch for.
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to start the same command again, distributed
+    if args.command is not cmd_run:
+        # A killed command stops like Ctrl-C, with the same exit status. `align run` installs this itself
+        # once it knows it runs the stages here: a run handed to accelerate leaves signals to the launcher.
+        signal.signal(signal.SIGTERM, _interrupt)
+    # Exit statuses (README, "Exit codes"): an AlignError that reaches here is bad input wherever it was
+    # found (2); a failed stage is 1 (cmd_run; a bug's traceback also exits 1); an interruption is 130.
     try:
         return args.command(args)
     except AlignError as error:
@@ -39,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("stage_dir", metavar="RUN_DIR/STAGE", help="a published stage output, e.g. runs/chain/sft")
     export.add_argument("out", metavar="OUT", help="a new (or empty) folder")
     export.add_argument("--merge", action="store_true", help="merge an adapter into its base model")
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="export even an output that the last run of its run folder does not vouch for (a failed rerun "
+        "left it from an earlier run, or its files no longer match its manifest)",
+    )
     export.set_defaults(command=cmd_export)
 
     explain = commands.add_parser(
@@ -184,19 +200,26 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from align.backend import is_main_process, launch, must_launch
     from align.recipe import load_recipe
-    from align.runner import run_recipe
+    from align.runner import claim_run_dir, default_run_dir, run_recipe
 
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, _overrides(args), pm)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(recipe)
     if must_launch(recipe.backend):
-        print(f"launching {recipe.backend.world_size} processes ({recipe.backend.kind})", file=sys.stderr)
-        return launch(recipe.backend, args.argv)
+        # The launching process holds the run folder's lock for the whole run (the processes it starts
+        # know they were launched and leave it alone); other machines' launchers leave it to machine 0's.
+        main_machine = recipe.backend.machine_rank == 0
+        with claim_run_dir(run_dir) if main_machine else contextlib.nullcontext():
+            print(f"launching {recipe.backend.world_size} processes ({recipe.backend.kind})", file=sys.stderr)
+            return launch(recipe.backend, args.argv)
     if is_main_process():
         _log_to_terminal()
     signal.signal(signal.SIGTERM, _interrupt)  # a killed run records where it stopped, like Ctrl-C
-    summary = run_recipe(recipe, pm, Path(args.run_dir) if args.run_dir else None, force=args.force)
+    summary = run_recipe(recipe, pm, run_dir, force=args.force)
     if summary.status != "done":
         print(f"error: {summary.error}", file=sys.stderr)
         print(f"  see {summary.run_dir}/logs/run.log; rerunning continues from the failed stage", file=sys.stderr)
@@ -222,7 +245,19 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from align.plugin_manager import describe_plugins
 
-    rows = describe_plugins(_plugin_manager(args))
+    pm = _plugin_manager(args)
+    # pluggy lists a name blocked with -p no:NAME as a plugin that is None: describe the loaded plugins,
+    # and show the blocked names as such (this manager serves this listing only).
+    blocked = [name for name, plugin in pm.list_name_plugin() if plugin is None]
+    for name in blocked:
+        pm.unblock(name)
+    rows = [
+        *describe_plugins(pm),
+        *(
+            {"plugin": n, "version": None, "source": "blocked", "where": f"-p no:{n}", "hooks": [], "registers": {}}
+            for n in blocked
+        ),
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -291,7 +326,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from align.models import export
 
-    written = export(Path(args.stage_dir), Path(args.out), merge=args.merge)
+    _log_to_terminal()  # for the warning --force gives when it exports an output no run vouches for
+    written = export(Path(args.stage_dir), Path(args.out), merge=args.merge, force=args.force)
     print(f"wrote {written} to {args.out}")
     return 0
 
@@ -319,7 +355,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for role, spec in getattr(obj, "inputs", {}).items():
         print(f"\n  {role}  (input; default: {spec.describe_default()})\n      {spec.help}")
-    for name, type_, default, help_ in describe(obj.Config):
+    for name, type_, default, help_ in describe(obj.Config, nested=True):
         print(f"\n  {name}: {type_} = {default}\n      {help_}")
     return 0
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from align.conversation import BadRow, Example
 from align.dataformat import DatasetFormat
 from align.errors import AlignError
-from align.schema import did_you_mean, setting
+from align.schema import check_bounds, did_you_mean, setting
 
 __all__ = [
     "DataSource",
@@ -83,19 +83,21 @@ class DataSource:
         1.0,
         help="How often each row is used per epoch: 2 repeats every row, 0.5 keeps a "
         "random half. Sets the mixture's proportions.",
+        above=0,
     )
     eval_size: float = setting(
         0.0,
         help="Rows held out for evaluation: a fraction below 1, or a count. Each "
         "dataset's held-out loss is reported on its own.",
+        minimum=0,
     )
-    num_samples: int | None = setting(None, help="Use only the first this many rows (overrides the entry's).")
+    num_samples: int | None = setting(
+        None, help="Use only the first this many rows (overrides the entry's).", minimum=1
+    )
 
     def __post_init__(self) -> None:
-        if self.weight <= 0:
-            raise AlignError(f"data: weight of '{self.dataset}' must be above 0; got {self.weight}")
-        if self.eval_size < 0:
-            raise AlignError(f"data: eval_size of '{self.dataset}' cannot be negative")
+        # build() checks the ranges with the key path; this catches sources made in code.
+        check_bounds(self, "data")
 
 
 def data_setting() -> Any:

@@ -35,7 +35,7 @@ from align.data import DataSource
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
 from align.rollout import RolloutEngine, Sampling, engine_named
-from align.schema import setting, to_plain
+from align.schema import MAX_SEED, check_bounds, setting, to_plain
 
 __all__ = [
     "SCHEMA",
@@ -66,10 +66,10 @@ class EvalSettings:
     pairs: str | list[str | DataSource] | None = setting(
         None, help="Held-out preference pairs: the reward model's accuracy, and DPO's implicit-reward accuracy."
     )
-    samples: int = setting(64, help="How many prompts (and rows of data and pairs) to use.")
-    max_new_tokens: int = setting(64, help="Longest response.")
-    temperature: float = setting(0.7, help="Sampling temperature (0: greedy).")
-    seed: int = setting(0, help="Sampling seed: the same command gives the same numbers.")
+    samples: int = setting(64, help="How many prompts (and rows of data and pairs) to use.", minimum=1)
+    max_new_tokens: int = setting(64, help="Longest response.", minimum=1)
+    temperature: float = setting(0.7, help="Sampling temperature (0: greedy).", minimum=0)
+    seed: int = setting(0, help="Sampling seed: the same command gives the same numbers.", minimum=0, maximum=MAX_SEED)
     engine: str | None = setting(
         None, help="The rollout engine that generates (default: the engine installed as the fallback)."
     )
@@ -79,8 +79,14 @@ class EvalSettings:
         help="`evaluate` modules comparing responses to the replies in `data`: align's own (exact_match, bleu, "
         "rouge_l) load offline; a path to a local module works too.",
     )
-    dpo_beta: float = setting(0.1, help="β of DPO's implicit reward β·log(π/π_ref); accuracy does not depend on it.")
+    dpo_beta: float = setting(
+        0.1, help="β of DPO's implicit reward β·log(π/π_ref); accuracy does not depend on it.", above=0
+    )
     evaluators: list[str] | None = setting(None, help="Evaluators to run (default: all that apply).")
+
+    def __post_init__(self) -> None:
+        # `align eval` makes these from its options, without build(): check the ranges here too.
+        check_bounds(self)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ adapters *stack by merging*: each stage trains on the merged result of the stage
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -89,12 +90,30 @@ def _with_pad_token(model: Any, path: str | Path) -> Any:
     return model
 
 
-def export(source: Path, target: Path, merge: bool) -> str:
-    """Write a stage's output to ``target`` as a standalone checkpoint; returns what was written."""
+def export(source: Path, target: Path, merge: bool, force: bool = False) -> str:
+    """Write a stage's output to ``target`` as a standalone checkpoint; returns what was written.
+
+    Only an output that the last run of its run folder vouches for (:func:`align.runner.why_unvouched`):
+    a stage whose rerun failed leaves its previous output in place, which must not pass for the new one.
+
+    :param force: export it anyway, with a warning saying why it is not vouched for.
+    :raises AlignError: not a published output, not vouched for (without ``force``), or ``target`` in use.
+    """
+    from align.runner import why_unvouched
+
     if not source.is_dir() or not (source / MANIFEST).is_file():
         raise AlignError(f"{source} is not a published stage output (it has no {MANIFEST})")
     if target.exists() and any(target.iterdir()):
         raise AlignError(f"{target} exists and is not empty; choose a new folder")
+    reason = why_unvouched(source)
+    if reason is not None and not force:
+        raise AlignError(
+            f"not exporting {source}: {reason}",
+            hint=f"run its recipe again (align run RECIPE --run-dir {source.parent}) to rebuild it, "
+            "or pass --force to export it anyway",
+        )
+    if reason is not None:
+        logging.getLogger("align").warning("warning: exporting %s although %s (--force)", source, reason)
     if not (merge and is_adapter(source)):
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(MANIFEST), dirs_exist_ok=True)
         return "adapter" if is_adapter(source) else "checkpoint"

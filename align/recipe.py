@@ -27,16 +27,130 @@ from typing import Any
 
 import yaml
 
-from align.backend import Backend, check_hardware
+from align.backend import BACKEND_OPTIONS, Backend, check_hardware
 from align.errors import AlignError
 from align.peft_method import PeftChoice
 from align.plugin_manager import AlignPluginManager
 from align.schema import build, did_you_mean, reject_unknown_keys, to_plain
 from align.stage import BASE, Input, Stage
 
-__all__ = ["ModelSpec", "Recipe", "StageSpec", "load_recipe", "validate_model", "validate_recipe"]
+__all__ = [
+    "OWNED_OPTIONS",
+    "DuplicateKeyError",
+    "ModelSpec",
+    "Recipe",
+    "RecipeLoader",
+    "StageSpec",
+    "load_recipe",
+    "validate_model",
+    "validate_recipe",
+]
 
 TOP_LEVEL_KEYS = ("model", "backend", "defaults", "stages", "run_dir", "dataset_dir")
+
+_UPLOAD = (
+    "align does not upload anything",
+    "`align export RUN_DIR/STAGE OUT` writes a stage's output as a checkpoint to upload (`hf upload`)",
+)
+
+#: Trainer options (transformers' ``TrainingArguments`` names) that align sets itself, because the run
+#: contract depends on them: where outputs go, how a killed stage resumes, what the NaN guard sees. A
+#: stage's pass-through settings may not set them; each maps to (why align owns it, what to do instead).
+#: The options that ``backend:`` sets are refused the same way (:data:`align.backend.BACKEND_OPTIONS`).
+OWNED_OPTIONS: dict[str, tuple[str, str]] = {
+    "output_dir": (
+        "align writes every output into the run folder, and checkpoints where a rerun finds them",
+        "use --run-dir or `run_dir:`",
+    ),
+    "overwrite_output_dir": (
+        "align trains each stage in a fresh work folder and publishes it only when the stage succeeds",
+        "use --force STAGE to rerun a stage whose output is cached",
+    ),
+    "logging_dir": (
+        "align writes TensorBoard logs to RUN_DIR/tensorboard/STAGE and metrics to RUN_DIR/logs",
+        "use --run-dir or `run_dir:` to move them",
+    ),
+    "run_name": (
+        "align names a run by its run folder and its parts by the stages' names",
+        "use --run-dir or `run_dir:`, or rename the stage",
+    ),
+    "resume_from_checkpoint": (
+        "align resumes a killed stage from its last checkpoint by itself",
+        "rerun the recipe",
+    ),
+    # Two, not one: a checkpoint saved just before the loss became NaN may hold broken weights already,
+    # and the NaN guard must keep one from before it. They are deleted when the stage succeeds anyway.
+    "save_total_limit": (
+        "align keeps the last two checkpoints, so that the NaN guard always has one from before a failure",
+        "set save_steps to checkpoint more or less often",
+    ),
+    "save_only_model": (
+        "a checkpoint without the optimizer's state cannot resume a killed stage as if it had never stopped",
+        "leave it out",
+    ),
+    "logging_nan_inf_filter": ("the NaN guard must see every loss, so align turns the filter off", "leave it out"),
+    "logging_strategy": (
+        "align logs every `logging_steps` steps, and the NaN guard reads those logs",
+        "set logging_steps",
+    ),
+    "save_strategy": ("align checkpoints every `save_steps` steps", "set save_steps (0: no checkpoints)"),
+    "eval_strategy": (
+        "align evaluates the held-out rows every `eval_steps` steps",
+        "set eval_steps (0: at the end only)",
+    ),
+    "push_to_hub": _UPLOAD,
+}
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word: two stages named ``sft`` would become one, and
+    a setting written twice in a stage would take the lower value. The check runs on the composed document,
+    where every key still has its line, before anything is constructed.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _reject_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one mapping; ``str()`` says which, where, and on which lines."""
+
+    def __init__(self, key: str, parent: str, first: int, second: int) -> None:
+        self.key, self.parent = key, parent
+        self.lines = f"lines {first} and {second}" if first != second else f"both on line {first}"
+        where = f"under '{parent}'" if parent else "at the top level"
+        super().__init__(f"key '{key}' appears twice {where} ({self.lines})")
+        self.hint = (
+            "stages need distinct names: rename one, and keep its stage plugin with `plugin: NAME`"
+            if parent == "stages"
+            else "YAML keeps only one of them: delete one, or merge what they say"
+        )
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: its anchor was checked where it was written (and may refer to itself)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                _reject_duplicate_keys(value, path, seen)
+                continue
+            # `<<: *base` merges keys on purpose: what the mapping itself says wins, as YAML intends.
+            if key.tag != "tag:yaml.org,2002:merge":
+                identity = (key.tag, key.value)  # the resolved tag: `1` and `"1"` are different keys
+                if identity in first:
+                    line = first[identity].start_mark.line + 1
+                    raise DuplicateKeyError(key.value, path, line, key.start_mark.line + 1)
+                first[identity] = key
+            _reject_duplicate_keys(value, f"{path}.{key.value}" if path else key.value, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{path}[{index}]", seen)
 
 
 @dataclass
@@ -106,7 +220,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AlignError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
+    except DuplicateKeyError as error:
+        raise AlignError(f"recipe {path}: {error}", hint=error.hint) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -125,7 +241,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
         if not sep or not key or any(not part for part in key.split(".")):
             raise AlignError(f"override '{override}' is not of the form key.path=value (e.g. stages.dpo.beta=0.2)")
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
+        except DuplicateKeyError as error:
+            inside = f" under '{error.parent}'" if error.parent else ""
+            raise AlignError(
+                f"override '{override}': key '{error.key}' appears twice{inside}", hint=error.hint
+            ) from None
         except yaml.YAMLError:
             value = text
         *parents, leaf = key.split(".")
@@ -260,6 +381,11 @@ def _passthrough(stage: Stage, unknown: dict[str, Any], path: str) -> dict[str, 
     """Settings the stage does not declare: its trainer's own options if it passes them through, else errors."""
     if not unknown:
         return {}
+    for key in unknown:  # before the trainer's own check: a better message, also for options it lacks
+        owned = _owned_option(key)
+        if owned is not None:
+            why, instead = owned
+            raise AlignError(f"'{path}.{key}' cannot be set in a recipe: {why}", hint=instead)
     known = ["plugin", *stage.inputs, *(f.name for f in dataclasses.fields(stage.Config))]
     trainer_config = stage.passthrough_class()
     if trainer_config is None:
@@ -274,6 +400,17 @@ def _passthrough(stage: Stage, unknown: dict[str, Any], path: str) -> dict[str, 
                 hint=f"this stage takes its own settings (`align explain {stage.name}`) and those of {name}",
             )
     return unknown
+
+
+def _owned_option(key: str) -> tuple[str, str] | None:
+    """(why, what to do instead) for a trainer option that align or ``backend:`` sets, else ``None``."""
+    if key in OWNED_OPTIONS:
+        return OWNED_OPTIONS[key]
+    if key.startswith(("hub_", "push_to_hub_")):  # hub_model_id, hub_token, hub_strategy, …
+        return _UPLOAD
+    if key in BACKEND_OPTIONS:
+        return "`backend:` sets it, the same for every stage", BACKEND_OPTIONS[key]
+    return None
 
 
 def _validate_peft(value: Any, path: str, pm: AlignPluginManager) -> PeftChoice:

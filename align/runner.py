@@ -9,6 +9,7 @@ The run directory::
       logs/<stage>.metrics.jsonl
       <stage>/             each stage's published artifact, with align-manifest.json
       .work/<stage>-<fp>/  a stage in progress; kept across crashes so the stage can resume
+      .align.lock          locked (flock) by the run using the folder; holds its pid and host
 
 This module is also the core plugin that provides the default ``align_run_stage``.
 """
@@ -16,9 +17,14 @@ This module is also the core plugin that provides the default ``align_run_stage`
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +37,9 @@ import yaml
 import align
 from align import hookimpl
 from align.artifacts import (
+    MANIFEST,
     MANIFEST_FORMAT,
+    check_output,
     fingerprint,
     hash_file,
     publish,
@@ -39,16 +47,28 @@ from align.artifacts import (
     tokenizer_identity,
     write_json,
 )
-from align.backend import is_main_process, wait_for_everyone
+from align.backend import LAUNCHED_ENV, is_main_process, wait_for_everyone
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
 from align.recipe import Recipe, StageSpec
 from align.schema import did_you_mean, to_plain
 from align.stage import BASE, Artifact, StageContext, StageOutcome
 
-__all__ = ["RunSummary", "align_home", "default_run_dir", "run_recipe"]
+__all__ = [
+    "LOCK_FILE",
+    "RunSummary",
+    "align_home",
+    "claim_run_dir",
+    "default_run_dir",
+    "run_recipe",
+    "storage_error",
+    "why_unvouched",
+]
 
 logger = logging.getLogger("align")
+
+#: The file in a run folder that the run using it holds locked (``flock``), with its pid and host inside.
+LOCK_FILE = ".align.lock"
 
 Inputs = Artifact | list[Artifact]  # one role's input: one artifact, or several for a role with pick="all"
 
@@ -70,11 +90,29 @@ class RunSummary:
     seconds: float = 0.0
     error: str | None = None
     stages: dict[str, StageOutcome] = field(default_factory=dict)
+    #: stage → ``artifact_id`` of the output it published or found cached. Written into each stage's
+    #: entry of summary.json, so that ``align export`` can tell that output from an older one that a
+    #: failed rerun left in place.
+    artifact_ids: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """What summary.json holds: the fields, with each stage's ``artifact_id`` in its own entry."""
+        data = asdict(self)
+        ids = data.pop("artifact_ids")
+        for name, stage in data["stages"].items():
+            stage["artifact_id"] = ids.get(name)
+        return data
 
     def write(self) -> None:
-        if is_main_process():  # with several processes, rank 0 keeps the books
-            self.seconds = round(time.time() - self.started, 3)
-            write_json(Path(self.run_dir) / "summary.json", asdict(self))
+        if not is_main_process():  # with several processes, rank 0 keeps the books
+            return
+        self.seconds = round(time.time() - self.started, 3)
+        try:
+            write_json(Path(self.run_dir) / "summary.json", self.to_json())
+        except OSError as error:
+            # A full disk must fail the stage that filled it, with its own message, not end the run with
+            # a traceback from the bookkeeping; the failure still reaches the terminal and the log.
+            logger.error("could not write summary.json: %s", storage_error(error, Path(self.run_dir)) or error)
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -103,12 +141,25 @@ def run_recipe(
                 hint=f"its stages: {', '.join(recipe.stages)}",
             )
     run_dir = Path(run_dir or default_run_dir(recipe))
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_plain(), sort_keys=False), encoding="utf-8")
-    summary = RunSummary(str(run_dir), str(recipe.path) if recipe.path else None)
-    summary.stages = {name: StageOutcome("pending") for name in recipe.stages}
-    with _run_log(run_dir / "logs" / "run.log"):
+    # One process takes the run folder's lock: this one when it runs alone (or is rank 0 of a launch it
+    # did not start itself); when `align run` relaunched itself, the launching process holds it for the
+    # whole run, and the processes it started (LAUNCHED_ENV) must not try to take it a second time.
+    holds_lock = is_main_process() and os.environ.get(LAUNCHED_ENV) != "1"
+    with contextlib.ExitStack() as held:
+        if holds_lock:
+            held.enter_context(claim_run_dir(run_dir))  # before anything is written into the folder
+        try:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            if is_main_process():
+                recipe_text = yaml.safe_dump(recipe.to_plain(), sort_keys=False)
+                (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+            held.enter_context(_run_log(run_dir / "logs" / "run.log"))
+        except OSError as error:  # before any work: say what is wrong with the folder (exit 2)
+            raise storage_error(error, run_dir) or AlignError(
+                f"cannot set up run folder {run_dir}: {error}", hint="choose another folder with --run-dir"
+            ) from None
+        summary = RunSummary(str(run_dir), str(recipe.path) if recipe.path else None)
+        summary.stages = {name: StageOutcome("pending") for name in recipe.stages}
         runner = _Runner(recipe, pm, run_dir, set(force), cache_dir or align_home() / "models", summary)
         try:
             runner.run_all()
@@ -122,6 +173,157 @@ def run_recipe(
             summary.write()
             pm.hook.align_run_finished(summary=summary)
     return summary
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Check that ``run_dir`` can be used, create it, and hold its lock until the block ends.
+
+    The lock is an ``flock`` on :data:`LOCK_FILE`, so the OS releases it when the holder exits however it
+    ends (finishes, fails, Ctrl-C, SIGKILL): a lock left by a process that is gone never blocks. The file
+    itself stays; it only names the holder (pid and host) for the message a second run gets.
+
+    :raises AlignError: the folder is a file, cannot be created or written, or another run holds it.
+    """
+    _check_run_dir(run_dir)
+    try:
+        # "a+": create it when absent, but never truncate a file another run may hold and have written.
+        handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held across the yield)
+    except OSError as error:
+        raise storage_error(error, run_dir) or AlignError(f"cannot create {run_dir / LOCK_FILE}: {error}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run_dir, handle) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(["align", *sys.argv[1:]]),
+        }
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps(holder) + "\n")
+            handle.flush()
+        except OSError as error:
+            raise storage_error(error, run_dir) or AlignError(f"cannot write {run_dir / LOCK_FILE}: {error}") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # the file outlives the lock; leave no holder named in it
+                handle.truncate(0)
+    finally:
+        handle.close()  # releases the lock
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder that is a file or cannot be written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AlignError(
+            f"run folder {run_dir} is a file, not a folder",
+            hint="move the file away, or choose another folder with --run-dir (or run_dir: in the recipe)",
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), run_dir)
+        raise AlignError(
+            f"cannot create run folder {run_dir}: {blocking} is a file, not a folder",
+            hint="choose another folder with --run-dir (or run_dir: in the recipe)",
+        ) from None
+    except OSError as error:
+        raise storage_error(error, run_dir) or AlignError(f"cannot create run folder {run_dir}: {error}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise AlignError(
+            f"run folder {run_dir} is read-only: align cannot write its outputs, logs or summary there",
+            hint=f"make it writable (chmod u+w {run_dir}), or choose another folder with --run-dir",
+        )
+
+
+def _in_use(run_dir: Path, handle: Any) -> AlignError:
+    """The error for a run folder whose lock another process holds, naming that process."""
+    holder: dict[str, Any] = {}
+    for _ in range(20):  # the holder writes its name just after it takes the lock: give it a moment
+        handle.seek(0)
+        with contextlib.suppress(ValueError):
+            holder = json.loads(handle.read() or "{}")
+        if holder:
+            break
+        time.sleep(0.05)
+    pid, host = holder.get("pid", "unknown"), holder.get("host", "unknown")
+    since = f", since {holder['since']}" if holder.get("since") else ""
+    command = f" ({holder['command']})" if holder.get("command") else ""
+    return AlignError(
+        f"run folder {run_dir} is in use by another run: pid {pid} on host {host}{since}{command}",
+        hint=f"wait for it to end, stop it (kill {pid} on {host}), or choose another folder with --run-dir "
+        "(a lock whose process is gone does not block)",
+    )
+
+
+def storage_error(error: OSError, where: Path) -> AlignError | None:
+    """An :class:`AlignError` saying what an OS error while writing means (disk full, read-only,
+    permission denied) and where, or None for other errors.
+
+    :param where: the run folder, named when the error does not carry a file name.
+    """
+    place = error.filename or where
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "the disk is full" if error.errno == errno.ENOSPC else "the disk quota is exceeded"
+        return AlignError(
+            f"{what}: no space left to write {place} (run folder {where})",
+            hint=f"free space on the disk that holds {where} (or choose a --run-dir on another disk) and run "
+            "again; earlier outputs are intact, and the run continues from the stage that failed",
+        )
+    if error.errno == errno.EROFS:
+        return AlignError(
+            f"cannot write {place}: the file system is read-only (run folder {where})",
+            hint="choose a --run-dir on a writable disk",
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return AlignError(
+            f"permission denied: {place} (run folder {where})",
+            hint="make it readable and writable for this user, or choose another folder with --run-dir",
+        )
+    return None
+
+
+def why_unvouched(output: Path) -> str | None:
+    """Why the last run of ``output``'s run folder does not vouch for it; None when it does.
+
+    It does when the run folder's summary.json records the stage as ``done`` or ``cached`` with this very
+    output (the same ``artifact_id`` as its manifest), and the files match the manifest
+    (:func:`align.artifacts.check_output`). Otherwise the folder may hold what an earlier run left
+    behind, such as the previous output of a stage whose rerun failed.
+    """
+    manifest = read_manifest(output) or {}
+    stage, run_dir = str(manifest.get("stage") or output.name), output.parent
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        recorded = summary["stages"]
+    except FileNotFoundError:
+        return f"{run_dir} has no summary.json, so no run there vouches for {output}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{run_dir / 'summary.json'} cannot be read ({error})"
+    outcome = recorded.get(stage) if isinstance(recorded, dict) else None
+    if not isinstance(outcome, dict):
+        return f"the last run in {run_dir} has no stage '{stage}'"
+    status = outcome.get("status")
+    earlier = f"{output} holds the output of an earlier run"
+    if status == "failed":
+        why = (str(outcome.get("error") or "").splitlines() or ["no reason recorded"])[0]  # without its hint
+        return f"the last run of stage '{stage}' failed ({why}); {earlier}"
+    if status == "pending":
+        return f"the last run in {run_dir} did not get to stage '{stage}'; {earlier}"
+    if status not in ("done", "cached"):
+        return f"stage '{stage}' is {status}, or its run was killed before it ended; {earlier}"
+    if outcome.get("artifact_id") != manifest.get("artifact_id"):
+        return f"{output} is not the output that the last run recorded for stage '{stage}'"
+    check = check_output(output, manifest)
+    if not check.ok:
+        return f"{output} {check.describe()}"
+    return None
 
 
 def align_home() -> Path:
@@ -168,7 +370,10 @@ class _Runner:
             final_dir = self.run_dir / spec.name
             manifest = read_manifest(final_dir)
             context = self.context(spec, inputs, self.run_dir / ".work" / f"{spec.name}-{fp[:12]}")
-            if manifest and manifest.get("fingerprint") == fp and spec.name not in self.force:
+            up_to_date = manifest and manifest.get("fingerprint") == fp and spec.name not in self.force
+            if up_to_date and manifest:
+                manifest = self.verified(spec.name, final_dir, manifest)  # None: damaged, rebuild it
+            if up_to_date and manifest:
                 outcome.status, outcome.metrics = "cached", dict(manifest.get("metrics", {}))
                 outcome.artifact = str(final_dir)
                 logger.info("%s %s: cached (%s)", counter, spec.name, final_dir)
@@ -187,25 +392,51 @@ class _Runner:
                     _headline(outcome.metrics),
                 )
             self.artifacts[spec.name] = Artifact(spec.name, manifest["artifact_id"], str(final_dir), manifest)
+            self.summary.artifact_ids[spec.name] = manifest["artifact_id"]
         except AlignError as error:
             outcome.status, outcome.error = "failed", str(error)
             logger.error("%s %s: failed: %s", counter, spec.name, error)
         except Exception as error:  # a bug in a stage: keep the traceback in the log, tell the user where
-            outcome.status, outcome.error = "failed", f"{type(error).__name__}: {error}"
             logger.debug("%s", traceback.format_exc())
-            logger.error(
-                "%s %s: failed with %s: %s (traceback in %s)",
-                counter,
-                spec.name,
-                type(error).__name__,
-                error,
-                self.run_dir / "logs" / "run.log",
-            )
+            known = storage_error(error, self.run_dir) if isinstance(error, OSError) else None
+            if known is not None:  # a full disk is not a bug: say so, and where
+                outcome.status, outcome.error = "failed", str(known)
+                logger.error("%s %s: failed: %s", counter, spec.name, known)
+            else:
+                outcome.status, outcome.error = "failed", f"{type(error).__name__}: {error}"
+                logger.error(
+                    "%s %s: failed with %s: %s (traceback in %s)",
+                    counter,
+                    spec.name,
+                    type(error).__name__,
+                    error,
+                    self.run_dir / "logs" / "run.log",
+                )
         outcome.seconds = round(time.perf_counter() - started, 3)
         if context is not None:
             self.pm.hook.align_stage_finished(context=context, outcome=outcome)
         self.summary.write()
         return outcome
+
+    def verified(self, name: str, final_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """The manifest of a cached output whose files match it; None when it must be rebuilt.
+
+        A stat per file when nothing was touched (see :func:`align.artifacts.check_output`), so that a
+        cache hit on a multi-GB checkpoint stays instant.
+        """
+        check = check_output(final_dir, manifest)
+        if not check.ok:
+            logger.warning("output of stage %s %s; rebuilding", name, check.describe())
+            return None
+        if check.touched and is_main_process():
+            # Same content, new times (a copy, a touch): record the times so the next run need not hash.
+            files = {path: dict(entry) for path, entry in manifest["files"].items()}
+            for path, mtime_ns in check.touched.items():
+                files[path]["mtime_ns"] = mtime_ns
+            manifest = {**manifest, "files": files}
+            with contextlib.suppress(OSError):  # only a speed-up: a read-only copy still verifies
+                write_json(final_dir / MANIFEST, manifest)
+        return manifest
 
     def execute(self, context: StageContext, fp: str, final_dir: Path, data_files: Mapping[str, str]) -> dict[str, Any]:
         """Run the stage in its work folder and publish it; returns the manifest."""
@@ -244,7 +475,7 @@ class _Runner:
             "seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        publish(context.output_dir, final_dir, manifest)
+        manifest = publish(context.output_dir, final_dir, manifest)
         for leftover in (self.run_dir / ".work").glob(f"{spec.name}-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # work folders of older settings of this stage
         wait_for_everyone()
@@ -333,13 +564,21 @@ def _headline(metrics: Mapping[str, float]) -> str:
     return f" ({shown})" if shown else ""
 
 
+class _RunLogHandler(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        # On a full disk the log cannot be written either; the terminal still shows the message, which
+        # logging's own traceback for each line it could not write would only bury.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 @contextlib.contextmanager
 def _run_log(path: Path) -> Iterator[None]:
     """Send everything align logs, tracebacks of failures included, to the run's log file."""
     if not is_main_process():
         yield
         return
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from align.data import DataSource
 from align.rollout import Sampling, engine_named
-from align.schema import setting
+from align.schema import MAX_SEED, setting
 
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
@@ -26,10 +26,12 @@ __all__ = ["ScoreSettings", "check_score", "score_setting", "task_score"]
 class ScoreSettings:
     reward_function: str = setting(help="The rule that judges a response (`align plugins` lists them).")
     prompts: str | list[str | DataSource] = setting(help="Prompts the policies did not train on (a dataset).")
-    samples: int = setting(64, help="How many of the prompts to answer.")
-    max_new_tokens: int = setting(48, help="Longest response.")
-    temperature: float = setting(0.7, help="Sampling temperature; 0 answers greedily.")
-    seed: int = setting(0, help="Sampling seed: the same policy gets the same score twice.")
+    samples: int = setting(64, help="How many of the prompts to answer.", minimum=1)
+    max_new_tokens: int = setting(48, help="Longest response.", minimum=1)
+    temperature: float = setting(0.7, help="Sampling temperature; 0 answers greedily.", minimum=0)
+    seed: int = setting(
+        0, help="Sampling seed: the same policy gets the same score twice.", minimum=0, maximum=MAX_SEED
+    )
     engine: str | None = setting(
         None, help="The rollout engine that answers (default: the engine installed as the fallback)."
     )

@@ -32,7 +32,7 @@ from align.models import Kind, load_model
 from align.peft_method import peft_setting
 from align.prepare import Prepared, data_files, prepare
 from align.render import Renderer, read_chat_template
-from align.schema import setting
+from align.schema import MAX_SEED, setting
 from align.stage import BASE, POLICY, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
 
@@ -285,24 +285,41 @@ class TrainingSettings:
         1024,
         help="Tokens per example. Longer conversations lose their oldest exchanges; "
         "one whose last exchange alone is longer is dropped (both are counted).",
+        minimum=1,
     )
     peft: dict[str, Any] = peft_setting()
-    max_steps: int = setting(-1, help="Stop after this many optimizer steps; -1 trains for `epochs` instead.")
-    epochs: float = setting(1.0, help="Passes over the data when max_steps is -1.")
-    learning_rate: float = setting(2e-5, help="Peak learning rate. Tiny models want far higher rates than real ones.")
-    batch_size: int = setting(8, help="Examples per process per optimizer step.")
-    gradient_accumulation_steps: int = setting(1, help="Batches summed before each optimizer step.")
-    warmup_steps: float = setting(
-        0.0, help="Steps spent warming the learning rate up from 0; a value below 1 is a fraction of all steps."
+    # -1 is transformers' own "no step limit": 0 or -5 would train nothing and be reported done.
+    max_steps: int = setting(
+        -1,
+        help="Stop after this many optimizer steps; -1 trains for `epochs` instead.",
+        minimum=1,
+        special={-1: "train for `epochs` instead"},
     )
-    eval_steps: int = setting(0, help="Evaluate on the held-out rows every this many steps (0: at the end only).")
-    logging_steps: int = setting(5, help="Log metrics every this many steps (the NaN guard checks them too).")
+    epochs: float = setting(1.0, help="Passes over the data when max_steps is -1.", above=0)
+    learning_rate: float = setting(
+        2e-5, help="Peak learning rate. Tiny models want far higher rates than real ones.", above=0
+    )
+    batch_size: int = setting(8, help="Examples per process per optimizer step.", minimum=1)
+    gradient_accumulation_steps: int = setting(1, help="Batches summed before each optimizer step.", minimum=1)
+    warmup_steps: float = setting(
+        0.0,
+        help="Steps spent warming the learning rate up from 0; a value below 1 is a fraction of all steps.",
+        minimum=0,
+    )
+    eval_steps: int = setting(
+        0, help="Evaluate on the held-out rows every this many steps (0: at the end only).", minimum=0
+    )
+    # transformers refuses logging every 0 steps, and the NaN guard reads the logged losses.
+    logging_steps: int = setting(
+        5, help="Log metrics every this many steps (the NaN guard checks them too).", minimum=1
+    )
     save_steps: int = setting(
         200,
         help="Checkpoint every this many steps, so that a killed run resumes from the "
         "last one when it is run again (0: no checkpoints).",
+        minimum=0,
     )
-    seed: int = setting(42, help="Seed of data order, held-out split and initialisation.")
+    seed: int = setting(42, help="Seed of data order, held-out split and initialisation.", minimum=0, maximum=MAX_SEED)
 
 
 def common_arguments(config: TrainingSettings, has_held_out: bool) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from align.schema import setting
 
 @dataclass
 class HFConfig:
-    batch_size: int = setting(64, help="Prompts generated together; lower it if generation runs out of memory.")
+    batch_size: int = setting(
+        64, help="Prompts generated together; lower it if generation runs out of memory.", minimum=1
+    )
 
 
 class HFSession(RolloutSession):

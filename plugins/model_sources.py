@@ -18,7 +18,7 @@ from pathlib import Path
 from align import AlignError, hookimpl
 from align.artifacts import fingerprint, hash_file
 from align.model_source import ModelSource
-from align.schema import setting
+from align.schema import MAX_SEED, setting
 
 # ChatML, with {% generation %} around assistant replies so that trainers that rely on it can mask the
 # rest, tool descriptions in the system turn and tool calls as <tool_call> blocks (as Qwen2.5 does).
@@ -119,19 +119,18 @@ class PathSource(ModelSource):
 
 @dataclass
 class TinyLlamaConfig:
-    vocab_size: int = setting(1024, help="Tokenizer vocabulary size (byte-level BPE, trained offline).")
-    hidden_size: int = setting(128, help="Model width. hidden_size / num_heads is the head dimension.")
-    num_layers: int = setting(2, help="Number of transformer layers.")
-    num_heads: int = setting(2, help="Attention heads; keep the head dimension at 64 for vLLM on CPU.")
-    intermediate_size: int = setting(256, help="Width of the MLP.")
-    max_position_embeddings: int = setting(1024, help="Longest sequence the model accepts.")
-    seed: int = setting(0, help="Seed of the random weights.")
+    # At least 300: the 256 bytes of byte-level BPE, the special tokens and some merges.
+    vocab_size: int = setting(1024, help="Tokenizer vocabulary size (byte-level BPE, trained offline).", minimum=300)
+    hidden_size: int = setting(128, help="Model width. hidden_size / num_heads is the head dimension.", minimum=1)
+    num_layers: int = setting(2, help="Number of transformer layers.", minimum=1)
+    num_heads: int = setting(2, help="Attention heads; keep the head dimension at 64 for vLLM on CPU.", minimum=1)
+    intermediate_size: int = setting(256, help="Width of the MLP.", minimum=1)
+    max_position_embeddings: int = setting(1024, help="Longest sequence the model accepts.", minimum=1)
+    seed: int = setting(0, help="Seed of the random weights.", minimum=0, maximum=MAX_SEED)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise AlignError(f"model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.vocab_size < 300:
-            raise AlignError("model: vocab_size must be at least 300 (256 bytes plus special tokens and merges)")
 
 
 class TinyLlamaSource(ModelSource):

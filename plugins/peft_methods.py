@@ -29,12 +29,10 @@ class Full(PeftMethod):
 
 @dataclass
 class FreezeConfig:
-    trainable_layers: int = setting(2, help="How many of the last transformer layers train; the rest are frozen.")
+    trainable_layers: int = setting(
+        2, help="How many of the last transformer layers train; the rest are frozen.", minimum=1
+    )
     train_embeddings: bool = setting(False, help="Also train the input embeddings (and a tied output layer).")
-
-    def __post_init__(self) -> None:
-        if self.trainable_layers < 1:
-            raise AlignError("peft: trainable_layers must be at least 1")
 
 
 class Freeze(PeftMethod):
@@ -62,9 +60,10 @@ class Freeze(PeftMethod):
 
 @dataclass
 class LoraConfig:
-    r: int = setting(8, help="Rank of the update matrices: higher learns more and costs more memory.")
-    alpha: int = setting(16, help="Scale of the update (alpha / r multiplies it); 2 × r is customary.")
-    dropout: float = setting(0.05, help="Dropout on the adapter's input during training.")
+    r: int = setting(8, help="Rank of the update matrices: higher learns more and costs more memory.", minimum=1)
+    alpha: int = setting(16, help="Scale of the update (alpha / r multiplies it); 2 × r is customary.", minimum=1)
+    # Below 1: a dropout of 1 zeroes the adapter's input, so nothing would train.
+    dropout: float = setting(0.05, help="Dropout on the adapter's input during training.", minimum=0, below=1)
     target_modules: str | list[str] = setting(
         "all-linear",
         help="Which layers get adapters: `all-linear` (every linear layer but the output head) "

@@ -24,17 +24,19 @@ from align.schema import setting
 
 @dataclass
 class VLLMConfig:
-    gpu_memory_utilization: float = setting(0.3, help="Share of GPU memory vLLM may take (weights and KV cache).")
-    cpu_kv_cache_gib: int = setting(1, help="KV-cache memory on a CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = setting(
+        0.3, help="Share of GPU memory vLLM may take (weights and KV cache).", above=0, maximum=1
+    )
+    cpu_kv_cache_gib: int = setting(1, help="KV-cache memory on a CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).", minimum=1)
     sleep_between_rollouts: bool = setting(
         False, help="GPU: free vLLM's memory while the policy trains (sleep mode), and wake it to generate."
     )
     probe_prompt: str = setting(
         "Write a short review of the film Blue Hour.", help="The fixed prompt whose greedy answer checks each push."
     )
-    probe_tokens: int = setting(16, help="Tokens of greedy answer compared after each push (0: no probe).")
+    probe_tokens: int = setting(16, help="Tokens of greedy answer compared after each push (0: no probe).", minimum=0)
     max_model_len: int | None = setting(
-        None, help="Longest prompt + response the engine serves (default: the model's)."
+        None, help="Longest prompt + response the engine serves (default: the model's).", minimum=1
     )
 
 

@@ -8,14 +8,18 @@ reports reward accuracy (how often the chosen reply gains more than the rejected
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from align import hookimpl
+from align import AlignError, hookimpl
 from align.kinds import PREFERENCES
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
 from align.training import PolicyTrainingSettings, TRLStage, trl_class
+
+if TYPE_CHECKING:
+    from align.plugin_manager import AlignPluginManager
+    from align.recipe import Recipe
 
 LossType = Literal[
     "sigmoid",
@@ -38,24 +42,31 @@ LossType = Literal[
 
 @dataclass
 class DPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's DPOConfig default, 1e-6).")
+    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's DPOConfig default, 1e-6).", above=0)
     # beta 0.1: TRL's default and the value behind ../shared/external/reference_values (dpo_loss_worked_example).
     beta: float = setting(
         0.1,
         help="How far the policy may move from the reference: higher keeps it closer. For ipo it is the regulariser τ.",
+        above=0,
     )
     loss_type: list[LossType] = setting(
         default_factory=lambda: ["sigmoid"],
         help="The preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (label noise), bco_pair, "
         "sppo_hard, nca_pair, aot, apo_zero, apo_down, discopop, exo_pair, sigmoid_norm; several are summed.",
     )
-    label_smoothing: float = setting(0.0, help="Share of preference labels assumed flipped (robust, exo_pair).")
+    # Below 0.5: the robust loss divides by 1 - 2ε, and a label flipped more often than not is the other label.
+    label_smoothing: float = setting(
+        0.0, help="Share of preference labels assumed flipped (robust, exo_pair).", minimum=0, below=0.5
+    )
     eval_size: float = setting(
         0.0,
         help="Pairs held out from each dataset that sets no eval_size of its own, "
         "for held-out reward accuracy: a fraction below 1 or a count.",
+        minimum=0,
     )
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "Weights of the loss types."})
+    loss_weights: list[float] | None = setting(
+        None, help="Weights of the loss types, one per entry of loss_type (default: 1 each).", minimum=0
+    )
 
 
 class DPOStage(TRLStage):
@@ -69,6 +80,23 @@ class DPOStage(TRLStage):
     inputs = {"policy": Input("the policy to align; also the frozen reference", artifact=POLICY, default=(BASE,))}
     metrics = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
     version = "2"
+
+    def check(self, config: DPOSettings, recipe: Recipe, plugins: AlignPluginManager) -> None:
+        super().check(config, recipe, plugins)
+        # What DPOConfig and DPOTrainer would refuse only when the stage starts, after earlier stages trained.
+        where = next(f"stages.{name}" for name, spec in recipe.stages.items() if spec.config is config)
+        if config.loss_weights is not None and len(config.loss_weights) != len(config.loss_type):
+            weights, types = len(config.loss_weights), len(config.loss_type)
+            raise AlignError(
+                f"'{where}.loss_weights' has {weights} weight{'s' * (weights != 1)} for {types} "
+                f"loss type{'s' * (types != 1)} ({', '.join(config.loss_type)})",
+                hint="give one weight per entry of loss_type, in the same order",
+            )
+        if "exo_pair" in config.loss_type and config.label_smoothing == 0:
+            raise AlignError(
+                f"'{where}.label_smoothing' must be above 0 for the exo_pair loss",
+                hint="the EXO paper recommends label_smoothing: 1.0e-3",
+            )
 
     def trainer_settings(self, config: DPOSettings) -> dict[str, Any]:
         return {

@@ -30,8 +30,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalStageSettings(EvalSettings):
-    min_win_rate: float | None = setting(None, help="Fail the run if a policy's win rate is below this.")
-    max_kl: float | None = setting(None, help="Fail the run if a policy's KL to the reference is above this.")
+    min_win_rate: float | None = setting(
+        None, help="Fail the run if a policy's win rate is below this.", minimum=0, maximum=1
+    )
+    max_kl: float | None = setting(
+        None, help="Fail the run if a policy's KL to the reference is above this.", minimum=0
+    )
 
 
 #: The gates: setting → (the metric it reads, whether the metric must be at least the setting, wording).

@@ -23,25 +23,30 @@ logger = logging.getLogger("align")
 
 @dataclass
 class KTOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's KTOConfig default, 1e-6).")
+    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's KTOConfig default, 1e-6).", above=0)
     beta: float = setting(
         0.1,
         help="Parameter controlling the deviation from the reference model. Higher β means less deviation from "
         "the reference model (TRL's default, 0.1).",
+        above=0,
     )
     desirable_weight: float = setting(
         1.0,
         help="Desirable losses are weighed by this factor to counter unequal numbers of desirable and undesirable "
         "replies (TRL's default, 1.0; the paper advises keeping weight × count of the two within 1 to 4/3 of "
         "each other).",
+        minimum=0,
     )
     undesirable_weight: float = setting(
-        1.0, help="Undesirable losses are weighed by this factor, like desirable_weight (TRL's default, 1.0)."
+        1.0,
+        help="Undesirable losses are weighed by this factor, like desirable_weight (TRL's default, 1.0).",
+        minimum=0,
     )
     eval_size: float = setting(
         0.0,
         help="Rows held out from each dataset that sets no eval_size of its own, for held-out rewards: a "
         "fraction below 1 or a count (of pairs, for preference data: both replies of a pair stay together).",
+        minimum=0,
     )
 
 

@@ -19,16 +19,18 @@ from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, 
 
 @dataclass
 class ORPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's ORPOConfig default, 1e-6).")
+    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's ORPOConfig default, 1e-6).", above=0)
     beta: float = setting(
         0.1,
         help="Parameter controlling the relative ratio loss weight in the ORPO loss: λ of the paper, the weight of "
         "the odds-ratio term against the chosen reply's log-likelihood (TRL's default, 0.1).",
+        minimum=0,
     )
     eval_size: float = setting(
         0.0,
         help="Pairs held out from each dataset that sets no eval_size of its own, "
         "for held-out reward accuracy: a fraction below 1 or a count.",
+        minimum=0,
     )
 
 

@@ -32,7 +32,7 @@ from align import AlignError, hookimpl
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.peft_method import peft_setting
 from align.prepare import data_files
-from align.schema import build, setting
+from align.schema import MAX_SEED, build, setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
 
@@ -49,42 +49,52 @@ class PPOSettings:
     reward_functions: list[str] = setting(
         default_factory=list, help="Rules added to the reward model's score (or used alone), e.g. [sentiment]."
     )
-    reward_model_weight: float = setting(1.0, help="Weight of the reward model's score in the reward.")
-    steps: int = setting(100, help="PPO iterations: each generates a batch, scores it and updates the policy.")
-    batch_size: int = setting(32, help="Prompts per iteration on each process.")
-    mini_batch_size: int = setting(8, help="Responses per gradient step within an iteration.")
-    ppo_epochs: int = setting(4, help="Passes over each iteration's batch (InstructGPT and TRL use 4).")
+    reward_model_weight: float = setting(1.0, help="Weight of the reward model's score in the reward.", minimum=0)
+    steps: int = setting(
+        100, help="PPO iterations: each generates a batch, scores it and updates the policy.", minimum=1
+    )
+    batch_size: int = setting(32, help="Prompts per iteration on each process.", minimum=1)
+    mini_batch_size: int = setting(8, help="Responses per gradient step within an iteration.", minimum=1)
+    ppo_epochs: int = setting(4, help="Passes over each iteration's batch (InstructGPT and TRL use 4).", minimum=1)
     # 1.41e-5: TRL's gpt2-sentiment example (reference_values: trl_gpt2_sentiment_notebook_source).
-    learning_rate: float = setting(1.41e-5, help="Learning rate of the policy and value model (Adam, eps 1e-5).")
-    max_prompt_length: int = setting(256, help="Tokens of prompt; longer prompts are dropped and counted.")
-    max_new_tokens: int = setting(48, help="Longest response.")
+    learning_rate: float = setting(
+        1.41e-5, help="Learning rate of the policy and value model (Adam, eps 1e-5).", above=0
+    )
+    max_prompt_length: int = setting(256, help="Tokens of prompt; longer prompts are dropped and counted.", minimum=1)
+    max_new_tokens: int = setting(48, help="Longest response.", minimum=1)
+    # Above 0, unlike score's: the log-probabilities are divided by it, so there is no greedy PPO.
     temperature: float = setting(
-        1.0, help="Sampling temperature, also applied to the log-probabilities (N details 11)."
+        1.0, help="Sampling temperature, also applied to the log-probabilities (N details 11).", above=0
     )
     # 0.05 and k1: TRL's PPOConfig defaults.
-    kl_coef: float = setting(0.05, help="Weight of the per-token KL penalty (its starting value if adaptive).")
+    kl_coef: float = setting(
+        0.05, help="Weight of the per-token KL penalty (its starting value if adaptive).", minimum=0
+    )
     kl_estimator: Literal["k1", "k3"] = setting(
         "k1", help="k1 = log p - log q (unbiased); k3 (unbiased, never negative, lower variance)."
     )
     adaptive_kl: bool = setting(False, help="Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
     # 6.0 and 10000: lm-human-preferences' AdaptiveKLController (reference_values: adaptive_kl_controller).
-    kl_target: float = setting(6.0, help="KL (nats per response) the adaptive controller aims at.")
-    kl_horizon: float = setting(10000.0, help="How slowly the adaptive controller moves.")
+    # Both divide the controller's update: 0 would be a division by zero at the first step.
+    kl_target: float = setting(6.0, help="KL (nats per response) the adaptive controller aims at.", above=0)
+    kl_horizon: float = setting(10000.0, help="How slowly the adaptive controller moves.", above=0)
     # gamma 1, lambda 0.95, clip 0.2 / 0.2, value coefficient 0.1: TRL's PPOConfig defaults.
-    gamma: float = setting(1.0, help="Discount of future rewards within a response.")
-    lam: float = setting(0.95, help="GAE λ: lower trusts the value model more (less variance, more bias).")
-    clip_range: float = setting(0.2, help="PPO ratio clipping.")
-    value_clip_range: float = setting(0.2, help="Clipping of the value update.")
-    value_coef: float = setting(0.1, help="Weight of the value loss.")
+    gamma: float = setting(1.0, help="Discount of future rewards within a response.", minimum=0, maximum=1)
+    lam: float = setting(
+        0.95, help="GAE λ: lower trusts the value model more (less variance, more bias).", minimum=0, maximum=1
+    )
+    clip_range: float = setting(0.2, help="PPO ratio clipping.", above=0)
+    value_clip_range: float = setting(0.2, help="Clipping of the value update.", above=0)
+    value_coef: float = setting(0.1, help="Weight of the value loss.", minimum=0)
     whiten_advantages: bool = setting(True, help="Normalise advantages per batch (N details 9).")
     normalize_rewards: bool = setting(False, help="Normalise scores per batch (mean kept) before the KL penalty.")
-    reward_clip: float | None = setting(None, help="Clip scores to [-reward_clip, reward_clip].")
+    reward_clip: float | None = setting(None, help="Clip scores to [-reward_clip, reward_clip].", above=0)
     missing_eos_penalty: float | None = setting(
-        None, help="Subtract this from the score of a response that never ended (N details 13)."
+        None, help="Subtract this from the score of a response that never ended (N details 13).", minimum=0
     )
-    logging_steps: int = setting(1, help="Log metrics every this many iterations.")
-    save_steps: int = setting(20, help="Checkpoint every this many iterations, for resuming (0: never).")
-    seed: int = setting(42, help="Seed of prompt order, sampling and initialisation.")
+    logging_steps: int = setting(1, help="Log metrics every this many iterations.", minimum=1)
+    save_steps: int = setting(20, help="Checkpoint every this many iterations, for resuming (0: never).", minimum=0)
+    seed: int = setting(42, help="Seed of prompt order, sampling and initialisation.", minimum=0, maximum=MAX_SEED)
     score: ScoreSettings | None = score_setting()
 
 
@@ -105,6 +115,19 @@ class PPOStage(Stage):
         return data_files(config.data, recipe.dataset_dir)
 
     def check(self, config: PPOSettings, recipe: Any, plugins: Any) -> None:
+        # check() is handed the settings, not the stage's name in the recipe: find it, for the key paths.
+        spec = next(s for s in recipe.stages.values() if s.config is config)
+        if config.mini_batch_size > config.batch_size:
+            raise AlignError(
+                f"'stages.{spec.name}.mini_batch_size' ({config.mini_batch_size}) must be at most "
+                f"batch_size ({config.batch_size})",
+                hint="each iteration's batch of responses is split into minibatches of mini_batch_size",
+            )
+        if "reward_model" not in spec.inputs and not config.reward_functions:
+            raise AlignError(
+                f"stage '{spec.name}' has nothing to reward the policy with",
+                hint="give it a reward_model (an rm stage) or reward_functions: [sentiment], or both",
+            )
         for name in config.reward_functions:
             plugins.get("reward function", name)
         engine = plugins.get("rollout engine", config.engine)

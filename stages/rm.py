@@ -20,16 +20,18 @@ from align.training import TrainingSettings, TRLStage
 
 @dataclass
 class RMSettings(TrainingSettings):
-    learning_rate: float = setting(1e-5, help="Peak learning rate (TRL's RewardConfig default, 1e-5).")
+    learning_rate: float = setting(1e-5, help="Peak learning rate (TRL's RewardConfig default, 1e-5).", above=0)
     eval_size: float = setting(
         0.1,
         help="Pairs held out from the data to measure the model's accuracy: a fraction "
         "below 1 or a count. Applies to datasets that do not set their own eval_size.",
+        minimum=0,
     )
     center_rewards: float | None = setting(
         None,
         help="Push the mean reward towards 0 with this coefficient (Eisenstein et al. 2023 use 0.01), so "
         "that scores are comparable across runs; off by default.",
+        minimum=0,
     )
 
 

@@ -19,21 +19,24 @@ from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, 
 
 @dataclass
 class SimPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's CPOConfig default, 1e-6).")
+    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's CPOConfig default, 1e-6).", above=0)
     beta: float = setting(
         0.1,
         help="Scale of the reward, β times the mean log-likelihood per token of a reply (TRL's CPOConfig "
         "default, 0.1; the SimPO paper uses 2 to 10).",
+        above=0,
     )
     simpo_gamma: float = setting(
         0.5,
         help="Target reward margin γ for the SimPO loss: the chosen reply's reward should exceed the rejected "
         "one's by at least this much (TRL's default, 0.5; the paper uses 0.3 to 1.6).",
+        minimum=0,
     )
     eval_size: float = setting(
         0.0,
         help="Pairs held out from each dataset that sets no eval_size of its own, "
         "for held-out reward accuracy: a fraction below 1 or a count.",
+        minimum=0,
     )
 
 

@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL = REPO.parent / "shared" / "external"
+LLAMA_FACTORY = EXTERNAL / "llama-factory" / "data"
+#: For tests that read third-party files: they skip in a clone without ../shared beside it.
+needs_external = pytest.mark.skipif(not EXTERNAL.is_dir(), reason="../shared/external is not present")
 FAKE_PLUGIN = Path(__file__).parent / "plugins" / "fake_stages.py"
 
 

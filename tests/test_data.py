@@ -13,10 +13,7 @@ from align.data import DataSource, apply_weight, dataset_dirs, load_examples, re
 from align.plugin_manager import get_plugin_manager
 from align.prepare import prepare
 from align.render import IGNORE, Renderer, padding_waste
-from conftest import EXTERNAL
-
-LLAMA_FACTORY = EXTERNAL / "llama-factory" / "data"
-needs_external = pytest.mark.skipif(not EXTERNAL.is_dir(), reason="../shared/external is not present")
+from conftest import EXTERNAL, LLAMA_FACTORY, needs_external
 
 
 @pytest.fixture(scope="module")

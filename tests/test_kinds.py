@@ -14,10 +14,7 @@ from align.kinds import DataKind
 from align.plugin_manager import get_plugin_manager
 from align.prepare import prepare
 from align.render import Renderer
-from conftest import EXTERNAL, tiny_llama
-
-LLAMA_FACTORY = EXTERNAL / "llama-factory" / "data"
-needs_external = pytest.mark.skipif(not EXTERNAL.is_dir(), reason="../shared/external is not present")
+from conftest import LLAMA_FACTORY, needs_external, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import pytest
 from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
-from conftest import EXTERNAL, run_align
-
-needs_external = pytest.mark.skipif(not EXTERNAL.is_dir(), reason="../shared/external is not present")
+from conftest import LLAMA_FACTORY, needs_external, run_align
 
 STAGES = ("kto", "orpo", "simpo")
 
@@ -128,7 +126,7 @@ def test_each_policy_beats_the_sft_policy_it_started_from_on_the_task(chain, sta
 def test_kto_trains_on_llama_factorys_kto_demo(tmp_path):
     text = f"""
 model: tiny-llama
-dataset_dir: {EXTERNAL / "llama-factory" / "data"}
+dataset_dir: {LLAMA_FACTORY}
 stages:
   kto:
     data: [{{dataset: kto_en_demo, num_samples: 64, eval_size: 8}}]

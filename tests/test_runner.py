@@ -192,3 +192,38 @@ def test_a_stage_returning_something_other_than_metrics_fails_clearly(write_reci
     fake_pm.add_plugin(Broken(), "broken")
     summary = run(write_recipe(CHAIN), fake_pm)
     assert "returns a mapping of metric name → number" in summary.stages["first"].error
+
+
+def test_the_summary_records_each_stages_artifact(write_recipe, fake_pm):
+    path = write_recipe(CHAIN)
+    run(path, fake_pm)
+    summary = run(path, fake_pm, force=["second"])  # first cached, second done
+    saved = json.loads((path.parent / "run" / "summary.json").read_text())
+    for stage in ("first", "second"):
+        manifest = json.loads((path.parent / "run" / stage / MANIFEST).read_text())
+        assert saved["stages"][stage]["artifact_id"] == manifest["artifact_id"] == summary.artifact_ids[stage]
+
+
+def test_a_publish_that_fails_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    import os
+
+    import align.artifacts
+    from align.artifacts import publish
+
+    final, work = tmp_path / "out", tmp_path / "work"
+    final.mkdir()
+    (final / "weights.bin").write_text("earlier")
+    work.mkdir()
+    (work / "weights.bin").write_text("new")
+    replace = os.replace
+
+    def failing(source, target):
+        if Path(source) == work:
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(align.artifacts.os, "replace", failing)
+    with pytest.raises(OSError):
+        publish(work, final, {"stage": "out"})
+    assert (final / "weights.bin").read_text() == "earlier"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no stale copy left
