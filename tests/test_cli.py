@@ -76,7 +76,7 @@ def test_explain_shows_a_stages_inputs_and_settings():
     result = run_align("explain", "sft")
     assert result.returncode == 0, result.stderr
     assert "policy  (input; default: the latest earlier stage producing a policy or base)" in result.stdout
-    assert "learning_rate: float = 2e-05" in result.stdout
+    assert "learning_rate: float > 0 = 2e-05" in result.stdout  # with its range
 
 
 def test_no_command_prints_help_and_exits_2():

@@ -187,9 +187,9 @@ def test_ppo_with_a_lora_policy_uses_the_adapter_free_model_as_reference(tmp_pat
     assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # before any update, policy == reference
 
 
-def test_ppo_without_any_reward_is_refused(tmp_path):
-    summary = run(tmp_path, "model: tiny-llama\nstages:\n" + PPO, ["stages.ppo.reward_functions=[]"])
-    assert "has nothing to reward the policy with" in summary.stages["ppo"].error
+def test_ppo_without_any_reward_is_refused_when_the_recipe_loads(tmp_path):
+    with pytest.raises(AlignError, match="has nothing to reward the policy with"):
+        run(tmp_path, "model: tiny-llama\nstages:\n" + PPO, ["stages.ppo.reward_functions=[]"])
 
 
 def test_an_unknown_reward_function_is_named_when_the_recipe_loads(tmp_path):
