@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[plugin_options],
         help="render rows as the model sees them, trained tokens marked",
         description="Render rows of a dataset with a model's chat template, mark the tokens that carry loss, "
-        "and count rows, tokens, truncated and dropped rows (by reason) for the whole dataset.",
+        "and count rows, tokens, truncated and dropped rows (by reason) for the whole dataset. Rows are numbered "
+        "as in the file (row 0 is its first), as error messages number them.",
     )
     preview.add_argument("dataset", metavar="NAME|PATH", help="a registry entry or a data file")
     preview.add_argument("--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json")
@@ -123,7 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     preview.add_argument("-n", type=int, default=3, help="rows to show (default: 3)")
     preview.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
-    preview.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    preview.add_argument(
+        "--on-bad-row",
+        choices=["error", "skip"],
+        default="error",
+        help="skip: leave out rows that cannot be read (counted; the others keep their file row numbers)",
+    )
+    preview.add_argument(
+        "--chat-template",
+        metavar="FILE|TEMPLATE",
+        help="a .jinja file or the template itself, replacing the tokenizer's (as a stage's chat_template:)",
+    )
     preview.set_defaults(command=cmd_data_preview)
 
     evaluate = commands.add_parser(
@@ -287,6 +298,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             on_bad_row=args.on_bad_row,
             cache_dir=align_home() / "models",
+            chat_template=args.chat_template,
         )
     )
     return 0

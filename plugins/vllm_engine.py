@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +43,33 @@ class VLLMConfig:
     )
 
 
+class ScratchFolder:
+    """A temporary folder (``align-vllm-*``) that is removed however the session using it ends.
+
+    A merged LoRA checkpoint is as large as the model (600 MB for a 0.5B one), so none may be left in
+    the temp folder. :meth:`remove` is called by :meth:`VLLMSession.close`; a ``weakref.finalize`` is the
+    backstop for the sessions nobody closes (a stage that fails or is interrupted between start and
+    close): it removes the folder when the session is garbage-collected, or at the latest when the
+    interpreter exits, Ctrl-C and SIGTERM included (align turns SIGTERM into KeyboardInterrupt). Unlike
+    ``atexit`` alone it also runs early, and at most once; only SIGKILL or a crash of Python itself can
+    still leave the folder behind.
+    """
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="align-vllm-")
+        # The finalizer holds the path, not self: a reference to self would keep it alive forever.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+    def remove(self) -> None:
+        self._finalizer()  # runs once: a second call, or the backstop later, does nothing
+
+
 class VLLMSession(RolloutSession):
-    def __init__(self, llm: Any, tokenizer: Any, config: VLLMConfig, cuda: bool) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: Any, config: VLLMConfig, cuda: bool, scratch: ScratchFolder | None = None
+    ) -> None:
         self.llm, self.tokenizer, self.config, self.cuda = llm, tokenizer, config, cuda
+        self.scratch = scratch  #: the merged checkpoint vLLM started from, removed on close
         self.pushes = 0
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
@@ -125,7 +152,9 @@ class VLLMSession(RolloutSession):
             )
 
     def close(self) -> None:
-        del self.llm
+        self.llm = None  # the engine goes first: it must not outlive the checkpoint it was started from
+        if self.scratch is not None:
+            self.scratch.remove()
 
 
 def plain_weights(model: Any) -> dict[str, Any]:
@@ -170,33 +199,36 @@ class VLLMEngine(RolloutEngine):
 
         from align.models import is_adapter
 
-        source = model_path
-        if is_adapter(model_path) or hasattr(model, "merge_adapter"):
-            source = _merged_copy(model, tokenizer)
-        llm = LLM(
-            model=source,
-            tokenizer=source,
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enable_sleep_mode=config.sleep_between_rollouts and cuda,
-            enforce_eager=not cuda,
-            seed=0,
-            **({"max_model_len": config.max_model_len} if config.max_model_len else {}),
-        )
-        session = VLLMSession(llm, tokenizer, config, cuda)
-        session.sync(model)  # the engine must start from the very weights the policy has, checked
+        scratch = ScratchFolder() if is_adapter(model_path) or hasattr(model, "merge_adapter") else None
+        try:
+            source = model_path
+            if scratch is not None:
+                source = scratch.path
+                _write_merged(model, tokenizer, source)
+            llm = LLM(
+                model=source,
+                tokenizer=source,
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                enable_sleep_mode=config.sleep_between_rollouts and cuda,
+                enforce_eager=not cuda,
+                seed=0,
+                **({"max_model_len": config.max_model_len} if config.max_model_len else {}),
+            )
+            session = VLLMSession(llm, tokenizer, config, cuda, scratch)
+            session.sync(model)  # the engine must start from the very weights the policy has, checked
+        except BaseException:  # no session to close: the folder goes now (interrupted, out of memory…)
+            if scratch is not None:
+                scratch.remove()
+            raise
         return session
 
 
-def _merged_copy(model: Any, tokenizer: Any) -> str:
-    """A plain checkpoint of a LoRA policy (merged) in a temporary folder, for vLLM to start from."""
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="align-vllm-")
+def _write_merged(model: Any, tokenizer: Any, folder: str) -> None:
+    """Write a plain checkpoint of a LoRA policy (merged) into ``folder``, for vLLM to start from."""
     base = model.get_base_model()
     base.save_pretrained(folder, state_dict=plain_weights(model))
     tokenizer.save_pretrained(folder)
-    return folder
 
 
 @hookimpl

@@ -14,13 +14,20 @@ describes it. Each step:
 6. push the new weights to the engine and adapt the KL coefficient.
 
 Checkpoints (every ``save_steps``) hold the policy and value weights, optimizer, scheduler, KL
-controller, random state and the position in the prompts, so a killed run continues where it stopped.
+controller, random state, the position in the prompts and what the final metrics need (the task score
+before training, every step's reward), so a killed run continues where it stopped and reports what an
+uninterrupted one would. Each is written into a ``.partial-step-N`` folder, its state file last, and
+renamed to ``step-N`` when complete; the previous one is deleted only then, and a step folder that fails
+its state file's checks is skipped on resume for the previous complete one. A non-finite loss stops the
+stage before its checkpoint is written, so the last checkpoint on disk is always a good one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import statistics
 import time
 from collections.abc import Mapping
@@ -138,6 +145,16 @@ class PPOStage(Stage):
         return _PPO(context).run()
 
 
+#: The version of the checkpoint layout below; a checkpoint of another version is skipped, not misread.
+CHECKPOINT_FORMAT = 1
+#: Written last into a checkpoint: while it is missing, the checkpoint is incomplete.
+STATE_FILE = "align_ppo_state.json"
+#: Where a checkpoint is written before it is complete (``step-N`` names only complete ones).
+PARTIAL = ".partial-"
+#: The statistics the NaN guard checks every step; the weights are checked too before they are saved.
+GUARDED = ("policy_loss", "value_loss", "reward", "kl")
+
+
 class _PPO:
     """One PPO run. ``run`` reads top to bottom; the helpers below it do one thing each."""
 
@@ -154,9 +171,11 @@ class _PPO:
             raise AlignError(f"stage '{context.name}': mini_batch_size is larger than batch_size")
         self.reward_functions = [context.plugins.get("reward function", n) for n in self.config.reward_functions]
         self.engine = context.plugins.get("rollout engine", self.config.engine)
+        # What the final metrics are made of, kept in every checkpoint: a resumed run reports the same.
+        self.before: dict[str, float] = {}
+        self.rewards: list[float] = []
 
     def run(self) -> dict[str, float]:
-
         config = self.config
         self._setup_accelerator()
         self._setup_models()
@@ -164,10 +183,8 @@ class _PPO:
         self._setup_optimizer()
         self._setup_engine()
         start = self._resume()
-        metrics: dict[str, float] = {}
         if config.score is not None and start == 0:
-            metrics["task_score_before"] = self._task_score()["task_score"]
-        rewards: list[float] = []
+            self.before["task_score_before"] = self._task_score()["task_score"]
         for step in range(start, config.steps):
             started = time.perf_counter()
             batch = self._rollout(self._next_prompts())
@@ -175,7 +192,7 @@ class _PPO:
             self.kl.update(stats["kl"], config.batch_size * self.accelerator.num_processes)
             self.session.sync(self._policy())
             stats.update(kl_coef=self.kl.value, step_seconds=time.perf_counter() - started)
-            rewards.append(stats["reward"])
+            self.rewards.append(stats["reward"])
             if (step + 1) % config.logging_steps == 0 and self.accelerator.is_main_process:
                 self.context.log_metrics(stats, step=step + 1)
                 self.context.logger.info(
@@ -186,19 +203,18 @@ class _PPO:
                     stats["kl"],
                     stats["response_length"],
                 )
-            if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
+            saving = bool(config.save_steps) and (step + 1) % config.save_steps == 0 and step + 1 < config.steps
+            # Before the checkpoint, not after: a checkpoint of broken weights would be what a rerun resumes.
+            self._stop_unless_finite(stats, step + 1, weights=saving or step + 1 == config.steps)
+            if saving:
                 self._checkpoint(step + 1)
-            if not all(map(_finite, (stats["policy_loss"], stats["value_loss"]))):
-                raise AlignError(
-                    f"the PPO loss became {stats['policy_loss']} at step {step + 1}; training stopped",
-                    hint="lower the learning rate or kl_coef; rerunning resumes from the last checkpoint",
-                )
         self.session.close()
-        metrics.update(steps=float(config.steps))
-        if rewards:
-            window = max(1, len(rewards) // 5)
+        metrics = {**self.before, "steps": float(config.steps)}
+        if self.rewards:
+            window = max(1, len(self.rewards) // 5)
             metrics.update(
-                reward_first=statistics.fmean(rewards[:window]), reward_last=statistics.fmean(rewards[-window:])
+                reward_first=statistics.fmean(self.rewards[:window]),
+                reward_last=statistics.fmean(self.rewards[-window:]),
             )
         if config.score is not None:
             metrics.update(self._task_score())
@@ -482,49 +498,134 @@ class _PPO:
         assert self.config.score is not None
         return task_score(self._policy(), self.tokenizer, self.config.score, self.context)
 
-    def _checkpoint(self, step: int) -> None:
+    def _stop_unless_finite(self, stats: Mapping[str, float], step: int, weights: bool) -> None:
+        """Raise if a guarded statistic (or, with ``weights``, a weight) of any process is not a finite number.
+
+        Every process takes the same decision: one raising while another writes a checkpoint would hang.
+        """
         import torch
 
-        folder = self.checkpoints / f"step-{step}"
-        self.accelerator.save_state(str(folder))
-        if self.accelerator.is_main_process:
+        # The losses are each process's own; the reward and KL are gathered already, and gathered again
+        # here only so that one tensor carries everything.
+        values = [stats[name] for name in GUARDED]
+        local_weights = not weights or all(
+            bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())  # ds_tensor: this process's ZeRO-3 shard
+            for p in self.model.parameters()
+        )
+        # float64: a large but finite float (a value loss of 1e39, say) must not read as infinite.
+        local = torch.tensor([*values, float(local_weights)], dtype=torch.float64, device=self.device)
+        gathered = self.accelerator.gather(local)
+        gathered = gathered.reshape(self.accelerator.num_processes, len(GUARDED) + 1).cpu()
+        bad = {
+            name: next(v for v in gathered[:, i].tolist() if not _finite(v))
+            for i, name in enumerate(GUARDED)
+            if not torch.isfinite(gathered[:, i]).all()
+        }
+        weights_bad = bool((gathered[:, -1] == 0).any())
+        if not bad and not weights_bad:
+            return
+        kept = self._complete_checkpoints()
+        where = f"the last good checkpoint, {kept[0][0]}, is kept" if kept else "no checkpoint was saved before it"
+        if bad:
+            name = next((n for n in ("policy_loss", "value_loss") if n in bad), next(iter(bad)))
+            details = ", ".join(f"{n} {value}" for n, value in bad.items())
+            what = f"the PPO {'loss' if name.endswith('_loss') else name} became {bad[name]} at step {step} ({details})"
+        else:
+            what = f"the PPO weights stopped being finite numbers at step {step}"
+        raise AlignError(
+            f"stage '{self.context.name}': {what}; training stopped and {where}",
+            hint="lower learning_rate or kl_coef, or look for a reward model or reward function that returns NaN "
+            "or infinity; rerunning the recipe unchanged resumes from the last good checkpoint",
+        )
+
+    def _checkpoint(self, step: int) -> None:
+        """Write ``step-N`` so that it is complete or absent, then delete the checkpoints before it.
+
+        Every process writes its part into ``.partial-step-N``; the main process then writes the state
+        file, last, listing every file with its size, and renames the folder. A kill at any moment leaves
+        the previous complete checkpoint in place.
+        """
+        import torch
+
+        accelerator = self.accelerator
+        final = self.checkpoints / f"step-{step}"
+        partial = self.checkpoints / f"{PARTIAL}step-{step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        # accelerate saves the random states too, but its load_state only logs (at info) when it cannot
+        # restore them: align keeps its own, one file per process, listed and checked like the rest.
+        torch.save(_random_state(), partial / f"align_random_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()  # every process's files are written before the state file lists them
+        if accelerator.is_main_process:
+            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
             state = {
+                "format": CHECKPOINT_FORMAT,
                 "step": step,
+                "processes": accelerator.num_processes,
+                "files": files,
                 "kl_coef": self.kl.value,
                 "order": self.order,
                 "position": self.position,
                 "epoch": self.epoch,
-                "python_random": list(random.getstate()[1]),
+                "before": self.before,
+                "rewards": self.rewards,
             }
-            (folder / "align_ppo_state.json").write_text(json.dumps(state))
-            torch.save(torch.random.get_rng_state(), folder / "align_torch_rng.pt")
-            for older in self.checkpoints.glob("step-*"):
-                if older != folder:
-                    import shutil
+            (partial / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete step-N that the resume skipped
+            os.replace(partial, final)
+            for other in self.checkpoints.iterdir():  # older checkpoints, and incomplete ones skipped
+                if other != final:
+                    shutil.rmtree(other, ignore_errors=True)
+        accelerator.wait_for_everyone()
 
-                    shutil.rmtree(older, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+    def _complete_checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        """The complete checkpoints, newest first, with their state; incomplete ones are logged and skipped."""
+        found = []
+        for folder in self.checkpoints.glob("*"):
+            step = folder.name.removeprefix("step-")
+            if folder.name.startswith(PARTIAL):
+                self.context.logger.info("  skipping %s: the run stopped while writing it", folder)
+            elif folder.is_dir() and step.isdigit():
+                found.append((int(step), folder))
+        complete = []
+        for step, folder in sorted(found, reverse=True):
+            state, problem = _read_state(folder, step)
+            if state is None:
+                self.context.logger.info("  skipping %s: %s", folder, problem)
+            else:
+                complete.append((folder, state))
+        return complete
 
     def _resume(self) -> int:
         import torch
 
-        found = sorted(self.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not found or not (found[-1] / "align_ppo_state.json").is_file():
+        complete = self._complete_checkpoints()
+        if not complete:
             return 0
-        folder = found[-1]
+        folder, state = complete[0]
+        if state["processes"] != self.accelerator.num_processes:
+            raise AlignError(
+                f"stage '{self.context.name}': checkpoint {folder} was written by {state['processes']} processes "
+                f"and this run has {self.accelerator.num_processes}",
+                hint="run it with the backend it was written with, or delete the folder to start the stage afresh",
+            )
         self.accelerator.load_state(str(folder))
-        state = json.loads((folder / "align_ppo_state.json").read_text())
         self.kl.value = state["kl_coef"]
         self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
-        random.setstate((3, tuple(state["python_random"]), None))
-        torch.random.set_rng_state(torch.load(folder / "align_torch_rng.pt"))
+        self.before, self.rewards = state["before"], state["rewards"]
+        saved = torch.load(folder / f"align_random_{self.accelerator.process_index}.pt", weights_only=True)
+        random.setstate(saved["python"])
+        torch.random.set_rng_state(saved["torch"])
+        if "cuda" in saved:
+            torch.cuda.set_rng_state_all(saved["cuda"])
         self.session.sync(self._policy())
         self.context.logger.info("  resuming from %s", folder)
         return int(state["step"])
 
     def _save(self) -> None:
-        import shutil
-
         self.accelerator.wait_for_everyone()
         policy = self._policy()
         state = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards on every process
@@ -547,6 +648,39 @@ def _finite(value: float) -> bool:
     import math
 
     return math.isfinite(value)
+
+
+def _random_state() -> dict[str, Any]:
+    """This process's random generators: Python's (prompt sampling seeds) and torch's (minibatch order)."""
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _read_state(folder: Path, step: int) -> tuple[dict[str, Any] | None, str]:
+    """A checkpoint's state, or None and why it cannot be resumed from (a kill while writing it, say)."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None, f"it has no {STATE_FILE} (the run stopped while writing it)"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"its {STATE_FILE} cannot be read ({error})"
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        return None, f"its checkpoint format is {found!r} and this align reads format {CHECKPOINT_FORMAT}"
+    if state.get("step") != step:
+        return None, f"its {STATE_FILE} is for step {state.get('step')}, not {step}"
+    for name, size in state["files"].items():
+        file = folder / name
+        if not file.is_file():
+            return None, f"{name} is missing"
+        if file.stat().st_size != size:
+            return None, f"{name} has {file.stat().st_size} bytes, not the {size} it was written with"
+    return state, ""
 
 
 @hookimpl
