@@ -533,7 +533,7 @@ class _PPO:
         else:
             what = f"the PPO weights stopped being finite numbers at step {step}"
         raise AlignError(
-            f"stage '{self.context.name}': {what}; training stopped and {where}",
+            f"{what}; training stopped and {where}",  # the runner names the stage
             hint="lower learning_rate or kl_coef, or look for a reward model or reward function that returns NaN "
             "or infinity; rerunning the recipe unchanged resumes from the last good checkpoint",
         )
@@ -555,9 +555,10 @@ class _PPO:
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
-        # accelerate saves the random states too, but its load_state only logs (at info) when it cannot
-        # restore them: align keeps its own, one file per process, listed and checked like the rest.
-        torch.save(_random_state(), partial / f"align_random_{accelerator.process_index}.pt")
+        # What differs between processes, one file each: every process walks the prompts to its own
+        # position, and draws from its own generators. accelerate saves the random states too, but its
+        # load_state only logs (at info) when it cannot restore them: these are listed and checked.
+        torch.save(self._process_state(), partial / f"align_process_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()  # every process's files are written before the state file lists them
         if accelerator.is_main_process:
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
@@ -567,9 +568,6 @@ class _PPO:
                 "processes": accelerator.num_processes,
                 "files": files,
                 "kl_coef": self.kl.value,
-                "order": self.order,
-                "position": self.position,
-                "epoch": self.epoch,
                 "before": self.before,
                 "rewards": self.rewards,
             }
@@ -599,6 +597,21 @@ class _PPO:
                 complete.append((folder, state))
         return complete
 
+    def _process_state(self) -> dict[str, Any]:
+        """This process's place in the prompts, and its random generators (sampling seeds, minibatch order)."""
+        import torch
+
+        state: dict[str, Any] = {
+            "order": self.order,
+            "position": self.position,
+            "epoch": self.epoch,
+            "python": random.getstate(),
+            "torch": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
     def _resume(self) -> int:
         import torch
 
@@ -614,9 +627,9 @@ class _PPO:
             )
         self.accelerator.load_state(str(folder))
         self.kl.value = state["kl_coef"]
-        self.order, self.position, self.epoch = state["order"], state["position"], state["epoch"]
         self.before, self.rewards = state["before"], state["rewards"]
-        saved = torch.load(folder / f"align_random_{self.accelerator.process_index}.pt", weights_only=True)
+        saved = torch.load(folder / f"align_process_{self.accelerator.process_index}.pt", weights_only=True)
+        self.order, self.position, self.epoch = saved["order"], saved["position"], saved["epoch"]
         random.setstate(saved["python"])
         torch.random.set_rng_state(saved["torch"])
         if "cuda" in saved:
@@ -648,16 +661,6 @@ def _finite(value: float) -> bool:
     import math
 
     return math.isfinite(value)
-
-
-def _random_state() -> dict[str, Any]:
-    """This process's random generators: Python's (prompt sampling seeds) and torch's (minibatch order)."""
-    import torch
-
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def _read_state(folder: Path, step: int) -> tuple[dict[str, Any] | None, str]:
