@@ -90,6 +90,7 @@ class Bounds:
         elif low is not None:
             shown = f"{'≥' if self.minimum is not None else '>'} {_number(low)}"
         else:
+            assert high is not None  # a Bounds has at least one end (see bounds_of)
             shown = f"{'≤' if self.maximum is not None else '<'} {_number(high)}"
         return shown + "".join(f" or {_number(value)} ({meaning})" for value, meaning in self.special)
 
@@ -218,7 +219,9 @@ def describe(cls: type, nested: bool = False, _seen: set[type] | None = None) ->
         for inner, prefix in _dataclasses_in(hints[field.name], field.name) if nested else ():
             if inner not in seen:
                 seen.add(inner)
-                rows += [(f"{prefix}.{name}", *rest) for name, *rest in describe(inner, True, seen)]
+                rows += [
+                    (f"{prefix}.{name}", kind, value, text) for name, kind, value, text in describe(inner, True, seen)
+                ]
     return rows
 
 

@@ -208,12 +208,12 @@ class VLLMEngine(RolloutEngine):
             llm = LLM(
                 model=source,
                 tokenizer=source,
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),  # type: ignore[arg-type]
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 enable_sleep_mode=config.sleep_between_rollouts and cuda,
                 enforce_eager=not cuda,
                 seed=0,
-                **({"max_model_len": config.max_model_len} if config.max_model_len else {}),
+                **_engine_arguments(config),
             )
             session = VLLMSession(llm, tokenizer, config, cuda, scratch)
             session.sync(model)  # the engine must start from the very weights the policy has, checked
@@ -229,6 +229,11 @@ def _write_merged(model: Any, tokenizer: Any, folder: str) -> None:
     base = model.get_base_model()
     base.save_pretrained(folder, state_dict=plain_weights(model))
     tokenizer.save_pretrained(folder)
+
+
+def _engine_arguments(config: VLLMConfig) -> dict[str, Any]:
+    """Options passed on only when set, so that vLLM's own defaults apply otherwise."""
+    return {"max_model_len": config.max_model_len} if config.max_model_len else {}
 
 
 @hookimpl

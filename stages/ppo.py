@@ -583,11 +583,11 @@ class _PPO:
         """The complete checkpoints, newest first, with their state; incomplete ones are logged and skipped."""
         found = []
         for folder in self.checkpoints.glob("*"):
-            step = folder.name.removeprefix("step-")
+            number = folder.name.removeprefix("step-")
             if folder.name.startswith(PARTIAL):
                 self.context.logger.info("  skipping %s: the run stopped while writing it", folder)
-            elif folder.is_dir() and step.isdigit():
-                found.append((int(step), folder))
+            elif folder.is_dir() and number.isdigit():
+                found.append((int(number), folder))
         complete = []
         for step, folder in sorted(found, reverse=True):
             state, problem = _read_state(folder, step)
