@@ -47,6 +47,7 @@ __all__ = [
     "TRLStage",
     "TrainingSettings",
     "common_arguments",
+    "held_out_setting",
     "last_checkpoint",
     "load_for_training",
     "load_tokenizer",
@@ -359,6 +360,16 @@ def prepare_data(context: StageContext, tokenizer: Any, kind: str, default_eval_
     )
     _write_data_report(context, prepared.summary())
     return prepared
+
+
+def held_out_setting(default: float = 0.0) -> Any:
+    """The ``eval_size`` setting of a stage that evaluates on held-out rows (datasets may set their own)."""
+    return setting(
+        default,
+        help="Rows held out from each dataset that sets no eval_size of its own, for held-out metrics: a "
+        "fraction below 1 or a count (of pairs, for preference data: a pair stays whole).",
+        minimum=0,
+    )
 
 
 @dataclass

@@ -15,7 +15,7 @@ from align import AlignError, hookimpl
 from align.kinds import PREFERENCES
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
-from align.training import PolicyTrainingSettings, TRLStage, trl_class
+from align.training import PolicyTrainingSettings, TRLStage, held_out_setting, trl_class
 
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
@@ -58,12 +58,7 @@ class DPOSettings(PolicyTrainingSettings):
     label_smoothing: float = setting(
         0.0, help="Share of preference labels assumed flipped (robust, exo_pair).", minimum=0, below=0.5
     )
-    eval_size: float = setting(
-        0.0,
-        help="Pairs held out from each dataset that sets no eval_size of its own, "
-        "for held-out reward accuracy: a fraction below 1 or a count.",
-        minimum=0,
-    )
+    eval_size: float = held_out_setting()
     loss_weights: list[float] | None = setting(
         None, help="Weights of the loss types, one per entry of loss_type (default: 1 each).", minimum=0
     )

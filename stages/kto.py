@@ -16,7 +16,7 @@ from align import hookimpl
 from align.kinds import FEEDBACK
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
-from align.training import PolicyTrainingSettings, TRLStage, trl_class
+from align.training import PolicyTrainingSettings, TRLStage, held_out_setting, trl_class
 
 logger = logging.getLogger("align")
 
@@ -42,12 +42,7 @@ class KTOSettings(PolicyTrainingSettings):
         help="Undesirable losses are weighed by this factor, like desirable_weight (TRL's default, 1.0).",
         minimum=0,
     )
-    eval_size: float = setting(
-        0.0,
-        help="Rows held out from each dataset that sets no eval_size of its own, for held-out rewards: a "
-        "fraction below 1 or a count (of pairs, for preference data: both replies of a pair stay together).",
-        minimum=0,
-    )
+    eval_size: float = held_out_setting()
 
 
 class KTOStage(TRLStage):

@@ -14,7 +14,7 @@ from align import hookimpl
 from align.kinds import PREFERENCES
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
-from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, trl_class
+from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, held_out_setting, trl_class
 
 
 @dataclass
@@ -26,12 +26,7 @@ class ORPOSettings(PolicyTrainingSettings):
         "the odds-ratio term against the chosen reply's log-likelihood (TRL's default, 0.1).",
         minimum=0,
     )
-    eval_size: float = setting(
-        0.0,
-        help="Pairs held out from each dataset that sets no eval_size of its own, "
-        "for held-out reward accuracy: a fraction below 1 or a count.",
-        minimum=0,
-    )
+    eval_size: float = held_out_setting()
 
 
 class ORPOStage(TRLStage):

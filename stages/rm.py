@@ -15,18 +15,13 @@ from align import hookimpl
 from align.kinds import PREFERENCES
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage
-from align.training import TrainingSettings, TRLStage
+from align.training import TrainingSettings, TRLStage, held_out_setting
 
 
 @dataclass
 class RMSettings(TrainingSettings):
     learning_rate: float = setting(1e-5, help="Peak learning rate (TRL's RewardConfig default, 1e-5).", above=0)
-    eval_size: float = setting(
-        0.1,
-        help="Pairs held out from the data to measure the model's accuracy: a fraction "
-        "below 1 or a count. Applies to datasets that do not set their own eval_size.",
-        minimum=0,
-    )
+    eval_size: float = held_out_setting(0.1)
     center_rewards: float | None = setting(
         None,
         help="Push the mean reward towards 0 with this coefficient (Eisenstein et al. 2023 use 0.01), so "

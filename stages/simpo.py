@@ -14,7 +14,7 @@ from align import hookimpl
 from align.kinds import PREFERENCES
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
-from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, trl_class
+from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, held_out_setting, trl_class
 
 
 @dataclass
@@ -32,12 +32,7 @@ class SimPOSettings(PolicyTrainingSettings):
         "one's by at least this much (TRL's default, 0.5; the paper uses 0.3 to 1.6).",
         minimum=0,
     )
-    eval_size: float = setting(
-        0.0,
-        help="Pairs held out from each dataset that sets no eval_size of its own, "
-        "for held-out reward accuracy: a fraction below 1 or a count.",
-        minimum=0,
-    )
+    eval_size: float = held_out_setting()
 
 
 class SimPOStage(TRLStage):
