@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from align.data import DataSource
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
+from align.reward import columns_of
 from align.rollout import RolloutEngine, Sampling, engine_named
 from align.schema import MAX_SEED, check_bounds, setting, to_plain
 
@@ -154,6 +155,8 @@ class EvalRun:
     reward_model: str | None
     prompts: list[list[int]]
     prompt_texts: list[str]
+    #: The prompt rows' other columns (name → one value per prompt), for reward functions.
+    prompt_columns: dict[str, list[Any]]
     dataset_dir: str | None = None
     engine: RolloutEngine | None = None  #: the engine that generates (``settings.engine`` resolved)
     memo: dict[Any, Any] = field(default_factory=dict)  #: what evaluators compute once per run and share
@@ -223,7 +226,7 @@ def evaluate_models(
     engine = engine_named(plugins, settings.engine)
     prompts = load_prompts(settings.prompts, plugins, dataset_dir=dataset_dir)[: settings.samples]
     renderer = Renderer(tokenizer, max_length=1 << 30)
-    prompt_ids = [renderer.prompt_ids(p) for p in prompts]
+    prompt_ids = [renderer.prompt_ids(p.messages) for p in prompts]
     run = EvalRun(
         settings,
         plugins,
@@ -231,7 +234,8 @@ def evaluate_models(
         ModelUnderTest("reference", reference),
         reward_model,
         prompt_ids,
-        [p[-1]["content"] for p in prompts],
+        [p.messages[-1]["content"] for p in prompts],
+        columns_of(prompts),
         dataset_dir,
         engine,
     )

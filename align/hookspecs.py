@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
     from align.reward import RewardFunction
+    from align.rl.advantages import AdvantageEstimator
     from align.rollout import RolloutEngine
     from align.runner import RunSummary
     from align.stage import Stage, StageContext, StageOutcome
@@ -120,10 +121,25 @@ def align_register_rollout_engines() -> Sequence[RolloutEngine]:
 def align_register_reward_functions() -> Sequence[RewardFunction]:
     """Register rule-based reward functions, scoring a prompt and response without a reward model.
 
-    A PPO stage's ``reward_functions`` list and a ``score:`` setting's ``reward_function`` select them by
-    name.
+    An online-RL stage's ``reward_functions`` list (names, or ``{function, weight, options}``), an
+    evaluation's ``reward_functions`` and a ``score:`` setting's ``reward_function`` select them by name.
+    Each is called with the prompts and responses as text and the prompt rows' other columns as keyword
+    arguments (``answer=[…]``); its ``Config`` takes the recipe's ``options``.
 
-    :returns: :class:`align.reward.RewardFunction` instances (``sentiment``, …).
+    :returns: :class:`align.reward.RewardFunction` instances (``sentiment``, ``exact_answer``, …).
+    """
+
+
+@hookspec
+def align_register_advantage_estimators() -> Sequence[AdvantageEstimator]:
+    """Register advantage estimators: how the online-RL loop turns rewards into per-token advantages.
+
+    An online-RL stage's ``advantage_estimator: NAME`` selects one (``ppo``, ``grpo`` and ``rloo`` each
+    default to their own) and ``estimator_options`` are validated against its ``Config`` when the recipe
+    loads. The estimator's ``needs_critic`` decides whether a value model trains; ``needs_groups`` that
+    ``num_generations`` must be at least 2.
+
+    :returns: :class:`align.rl.advantages.AdvantageEstimator` instances (``gae``, ``grpo``, ``rloo``, …).
     """
 
 

@@ -44,6 +44,7 @@ REGISTRIES = {
     "peft method": "align_register_peft_methods",
     "rollout engine": "align_register_rollout_engines",
     "reward function": "align_register_reward_functions",
+    "advantage estimator": "align_register_advantage_estimators",
     "evaluator": "align_register_evaluators",
 }
 

@@ -136,15 +136,16 @@ def load_prompts(
     *,
     dataset_dir: str | None = None,
     on_bad_row: Literal["error", "skip"] = "error",
-) -> list[list[dict[str, Any]]]:
+) -> list[Example]:
     """The prompts of ``data`` (the ``prompts`` data kind): prompt-only rows as they are, conversations
     without their last reply, and the shared prompt of preference pairs. Each source's ``weight`` and
-    ``num_samples`` apply."""
+    ``num_samples`` apply. Each :class:`~align.conversation.Example` keeps its row's other columns
+    (``columns``: a reference answer, say) for reward functions."""
     from align.data import dataset_dirs
 
     kind: DataKind = plugins.get("data kind", PROMPTS)
     formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
-    prompts: list[list[dict[str, Any]]] = []
+    prompts: list[Example] = []
     for index, source in enumerate(sources(data)):
         entry = resolve(source.dataset, dataset_dirs(dataset_dir))
         examples, loaded = load_examples(
@@ -152,6 +153,6 @@ def load_prompts(
         )
         logger.info("  prompts %s", loaded.describe())
         prompts += apply_weight(
-            [e.messages for e in as_kind(examples, kind, plugins, entry.name)], source.weight, index
+            as_kind(examples, kind, plugins, entry.name), source.weight, index
         )
     return prompts

@@ -23,6 +23,7 @@ from align.errors import AlignError
 __all__ = [
     "MAX_SEED",
     "Bounds",
+    "NoOptions",
     "bounds_of",
     "build",
     "check_bounds",
@@ -39,6 +40,11 @@ Number = int | float
 
 #: The largest seed: numpy's, which transformers' ``set_seed`` also sets, must fit in 32 bits.
 MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class NoOptions:
+    """The ``Config`` of a plugin that takes no options."""
 
 
 @dataclass(frozen=True)

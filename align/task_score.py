@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from align.data import DataSource
+from align.reward import RewardFunction, columns_of
 from align.rollout import Sampling, engine_named
 from align.schema import MAX_SEED, setting
 
@@ -58,10 +59,10 @@ def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any
     from align.render import Renderer
 
     plugins = context.plugins
-    rule = plugins.get("reward function", settings.reward_function)
+    rule: RewardFunction = plugins.get("reward function", settings.reward_function)
     prompts = load_prompts(settings.prompts, plugins, dataset_dir=context.recipe.dataset_dir)[: settings.samples]
     renderer = Renderer(tokenizer, max_length=1 << 30)
-    prompt_ids = [renderer.prompt_ids(p) for p in prompts]
+    prompt_ids = [renderer.prompt_ids(p.messages) for p in prompts]
     engine = engine_named(plugins, settings.engine)
     options = engine.Config()
     engine.check(options)
@@ -78,5 +79,5 @@ def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any
         session.close()
     responses = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
-    scores = rule(texts, responses)
+    scores = rule.score(texts, responses, columns_of(prompts))
     return {"task_score": statistics.fmean(scores), "task_score_std": statistics.pstdev(scores)}

@@ -18,6 +18,7 @@ from typing import Any
 from align import AlignError, hookimpl
 from align.evaluation import EvalRun, Evaluator, Metric, ModelUnderTest
 from align.kinds import CONVERSATIONS, PREFERENCES
+from align.reward import RewardFunction
 from align.sequences import pack, response_logprobs, token_values
 
 METRICS = Path(__file__).resolve().parent / "metrics"
@@ -132,8 +133,8 @@ class RuleRewards(Evaluator):
     def evaluate(self, run: EvalRun, model: ModelUnderTest) -> list[Metric]:
         found = []
         for name in run.settings.reward_functions:
-            function = run.plugins.get("reward function", name)
-            scores = [float(v) for v in function(run.prompt_texts, model.texts)]
+            function: RewardFunction = run.plugins.get("reward function", name)
+            scores = function.score(run.prompt_texts, model.texts, run.prompt_columns)
             mean, ci95 = _mean_ci95(scores)
             found.append(
                 Metric(

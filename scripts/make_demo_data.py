@@ -3,8 +3,14 @@
 The demo task is controlled sentiment, as in the DPO paper's IMDb experiment but with a rule as the
 judge: a prompt asks for a short review, and a review's sentiment is the share of its sentiment words
 that are positive. The SFT data mixes positive and negative reviews, so an SFT policy writes both and
-alignment has room to push it towards positive ones. The generator is seeded: rerunning it rewrites
-the same files.
+alignment has room to push it towards positive ones.
+
+The second task, for GRPO with a verifiable reward, is single-digit addition with known answers
+(``demo_math_*``): the ``exact_answer`` reward function compares a response's final answer with the
+prompt row's ``answer`` column. Some ordered pairs are held out of every training file and asked only in
+the test file, so the score measures answers the policy was never shown.
+
+The generator is seeded: rerunning it rewrites the same files.
 """
 
 from __future__ import annotations
@@ -159,6 +165,51 @@ def main() -> None:
             for kind, subject, prompt in conversations(rng, 64)
         ],
     )
+
+    math_task(out)
+
+
+QUESTIONS = [
+    "What is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "{a} + {b} = ?",
+    "Add {a} and {b}.",
+    "What is the sum of {a} and {b}?",
+]
+MATH_HELD_OUT = 20  # ordered pairs (a, b) of the 100 asked only in the test file
+
+
+def math_reply(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}\nAnswer: {a + b}"
+
+
+def math_task(out: Path) -> None:
+    # Its own generator, so that the sentiment files above stay byte-identical whatever this task does.
+    rng = random.Random(7)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    held_out, train = pairs[:MATH_HELD_OUT], pairs[MATH_HELD_OUT:]
+
+    def questions(pool: list[tuple[int, int]], count: int) -> list[tuple[int, int, str]]:
+        rows = []
+        for _ in range(count):
+            a, b = rng.choice(pool)
+            rows.append((a, b, rng.choice(QUESTIONS).format(a=a, b=b)))
+        return rows
+
+    write(
+        out / "demo_math_sft.json",
+        [{"instruction": q, "input": "", "output": math_reply(a, b)} for a, b, q in questions(train, 512)],
+    )
+    with (out / "demo_math_prompts.jsonl").open("w", encoding="utf-8") as prompts:
+        for a, b, q in questions(train, 512):
+            prompts.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": str(a + b)}) + "\n")
+    # Every held-out pair in every wording, once: a test set without repeats.
+    with (out / "demo_math_test.jsonl").open("w", encoding="utf-8") as test:
+        for a, b in held_out:
+            for template in QUESTIONS:
+                q = template.format(a=a, b=b)
+                test.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": str(a + b)}) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from align import AlignError
 from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
 from align.runner import run_recipe
-from align.stages.ppo_math import AdaptiveKL, gae, kl_per_token, ppo_loss, whiten
+from align.rl.advantages import gae
+from align.rl.kl import AdaptiveKL, kl_per_token
+from align.rl.loss import Totals, policy_loss
+from align.rl.masked import whiten
 from conftest import EXTERNAL, TWO_PROCESS_BACKENDS, run_align
 
 REFERENCE = EXTERNAL / "reference_values" / "rlhf_reference_values.json"
@@ -96,9 +99,9 @@ def test_the_ppo_loss_clips_large_ratios():
     old = torch.zeros(1, 2)
     new = torch.tensor([[math.log(2.0), 0.0]])  # ratio 2 on the first token
     advantages = torch.tensor([[1.0, 1.0]])
-    values = torch.zeros(1, 2)
-    parts = ppo_loss(new, old, advantages, values, values, values, torch.ones(1, 2), 0.2, 0.2, 0.1)
-    assert parts.policy_loss == pytest.approx(-(1.2 + 1.0) / 2)  # the ratio 2 counts as 1.2
+    mask = torch.ones(1, 2)
+    parts = policy_loss(new, old, advantages, mask, clip_low=0.2, clip_high=0.2, how="token", totals=Totals.of(mask, 2))
+    assert parts.loss.item() == pytest.approx(-(1.2 + 1.0) / 2)  # the ratio 2 counts as 1.2
     assert parts.clip_fraction == pytest.approx(0.5)
 
 
@@ -233,7 +236,7 @@ def test_a_killed_ppo_run_continues_where_it_stopped(tmp_path):
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
-    while not list(run_dir.glob(".work/ppo-*/checkpoints/step-3/align_ppo_state.json")) and time.monotonic() < deadline:
+    while not list(run_dir.glob(".work/ppo-*/checkpoints/step-3/align_rl_state.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1)
     os.killpg(process.pid, signal.SIGKILL)

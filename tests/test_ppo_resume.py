@@ -159,18 +159,18 @@ def test_incomplete_newer_checkpoints_are_skipped_for_the_last_complete_one(kill
     folder = checkpoints(run_dir)
     good = folder / "step-4"
     # Killed while the processes were writing their files: the folder is still under its temporary name.
-    shutil.copytree(good, folder / ".partial-step-6", ignore=shutil.ignore_patterns("align_ppo_state.json", "model*"))
+    shutil.copytree(good, folder / ".partial-step-6", ignore=shutil.ignore_patterns("align_rl_state.json", "model*"))
     # Killed between the weights and the state file (what the old, non-atomic checkpoint could leave).
-    shutil.copytree(good, folder / "step-6", ignore=shutil.ignore_patterns("align_ppo_state.json"))
+    shutil.copytree(good, folder / "step-6", ignore=shutil.ignore_patterns("align_rl_state.json"))
     # A state file whose files are not all there (a damaged copy, a disk that lost a file).
     shutil.copytree(good, folder / "step-8", ignore=shutil.ignore_patterns("optimizer.bin"))
-    state = json.loads((folder / "step-8" / "align_ppo_state.json").read_text())
-    (folder / "step-8" / "align_ppo_state.json").write_text(json.dumps({**state, "step": 8}))
+    state = json.loads((folder / "step-8" / "align_rl_state.json").read_text())
+    (folder / "step-8" / "align_rl_state.json").write_text(json.dumps({**state, "step": 8}))
 
     result = align(recipe, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step-8: optimizer.bin is missing" in result.stderr
-    assert "step-6: it has no align_ppo_state.json" in result.stderr
+    assert "step-6: it has no align_rl_state.json" in result.stderr
     assert ".partial-step-6: the run stopped while writing it" in result.stderr
     assert f"resuming from {good}" in result.stderr
     assert_same_result(run_dir, uninterrupted)
@@ -199,4 +199,4 @@ def test_a_nan_loss_stops_before_its_checkpoint_and_keeps_the_last_good_one(reci
     assert [p.name for p in folder.iterdir()] == ["step-2"]
     kept = load_file(folder / "step-2" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
-    assert json.loads((folder / "step-2" / "align_ppo_state.json").read_text())["step"] == 2
+    assert json.loads((folder / "step-2" / "align_rl_state.json").read_text())["step"] == 2

@@ -82,10 +82,12 @@ def test_a_stage_may_import_its_own_helper_modules():
 
 
 def test_every_public_name_exists():
-    modules = {p.stem for p in (REPO / "align").glob("*.py") if "__all__" in p.read_text(encoding="utf-8")} - {
-        "__init__"
+    modules = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in (REPO / "align").rglob("*.py")
+        if "__all__" in p.read_text(encoding="utf-8")
     }
-    for name in ["align", *(f"align.{m}" for m in sorted(modules))]:
+    for name in sorted(modules):
         module = importlib.import_module(name)
         missing = [n for n in module.__all__ if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names what it does not define: {missing}"
