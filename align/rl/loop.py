@@ -15,8 +15,7 @@ Each iteration (``steps`` of them):
    (``beta``), aggregated per ``loss_aggregation`` (:mod:`align.rl.loss`);
 6. push the new weights to the engine, adapt the KL coefficient, step the learning rate.
 
-The learning rate decays linearly over the iterations: it is the same for every update of one iteration,
-and positive until the last one. Checkpoints (``save_steps``, :mod:`align.rl.checkpoint`) hold everything a
+The learning rate decays linearly to 0 over every update of the run. Checkpoints (``save_steps``, :mod:`align.rl.checkpoint`) hold everything a
 resumed run needs to continue as if never stopped, including what its final metrics are made of. A
 non-finite loss stops the stage before its checkpoint is written.
 
@@ -250,7 +249,6 @@ class OnlineRL:
             started = time.perf_counter()
             batch, stats = self._rollout(self.sampler.next(config.batch_size))
             stats.update(self._optimise(batch))
-            self.scheduler.step()
             if "kl" in stats:
                 self.kl.update(stats["kl"], self.responses_per_step * self.accelerator.num_processes)
                 stats["kl_coef"] = self.kl.value
@@ -376,9 +374,11 @@ class OnlineRL:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5)  # N details 2: eps 1e-5
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        # Stepped once per iteration by the loop itself: accelerate's prepared scheduler steps once per
-        # process, which took the rate to 0 halfway through a 2-process run.
-        self.scheduler = get_scheduler("linear", self.optimizer, num_warmup_steps=0, num_training_steps=config.steps)
+        # Every update steps it, and there are ceil(responses / mini_batch_size) updates per epoch (fewer
+        # when drop_uniform_groups leaves rows out: the rate then ends above 0). Not prepared by
+        # accelerate, whose scheduler steps once per process: on 2 processes the rate reached 0 halfway.
+        updates = config.steps * config.ppo_epochs * math.ceil(self.responses_per_step / self.mini_batch_size)
+        self.scheduler = get_scheduler("linear", self.optimizer, num_warmup_steps=0, num_training_steps=updates)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.kl: KLController = (
             AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -496,6 +496,7 @@ class OnlineRL:
                 if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed clips by its config
                     accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
                 self.optimizer.step()
+                self.scheduler.step()
                 self.optimizer.zero_grad()
                 for name, value in parts.items():
                     sums.setdefault(name, []).append(value)
