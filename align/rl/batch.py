@@ -89,6 +89,6 @@ class RolloutBatch:
         import torch
 
         count = len(self)
-        step = size or count
+        step = size or max(count, 1)
         for begin in range(0, count, step):
             yield self.select(torch.arange(begin, min(begin + step, count), device=self.input_ids.device))

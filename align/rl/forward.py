@@ -39,8 +39,9 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
 
 def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """The entropy of each position's distribution at the sampling temperature (what was sampled from)."""
-    logits = logits.float() / temperature
-    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+    logprobs = (logits.float() / temperature).log_softmax(-1)
+    # A token a logit of -inf rules out adds 0, not 0 × -inf.
+    return -torch.where(logprobs.isfinite(), logprobs.exp() * logprobs, 0.0).sum(-1)
 
 
 def response_logits(logits: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
