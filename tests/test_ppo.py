@@ -17,11 +17,11 @@ import torch
 from align import AlignError
 from align.plugin_manager import get_plugin_manager
 from align.recipe import load_recipe
-from align.runner import run_recipe
 from align.rl.advantages import gae
 from align.rl.kl import AdaptiveKL, kl_per_token
 from align.rl.loss import Totals, policy_loss
 from align.rl.masked import whiten
+from align.runner import run_recipe
 from conftest import EXTERNAL, TWO_PROCESS_BACKENDS, run_align
 
 REFERENCE = EXTERNAL / "reference_values" / "rlhf_reference_values.json"
@@ -249,6 +249,29 @@ def test_a_killed_ppo_run_continues_where_it_stopped(tmp_path):
     steps = [json.loads(line)["step"] for line in (run_dir / "logs" / "ppo.metrics.jsonl").read_text().splitlines()]
     assert steps.count(2) == 1 and steps.count(8) == 1  # nothing before the checkpoint was redone
     assert (run_dir / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@TWO_PROCESS_BACKENDS
+def test_grpo_with_micro_batches_runs_on_two_processes(tmp_path, backend):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"model: tiny-llama\nbackend: {backend}\nstages:\n  grpo:\n    data: demo_math_prompts\n"
+        "    reward_functions: [exact_answer, format]\n    steps: 2\n    batch_size: 2\n    num_generations: 4\n"
+        "    mini_batch_size: 4\n    micro_batch_size: 2\n    forward_batch_size: 4\n    beta: 0.04\n"
+        "    learning_rate: 1.0e-3\n    max_new_tokens: 12\n"
+    )
+    result = run_align("run", str(path), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / "grpo.metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["step"] is not None]
+    assert len(steps) == 2 and all(r["learning_rate"] > 0 for r in steps[:-1])
+    # One schedule for the run, not one step per process: 2 steps × 2 minibatches of 4 (of 8 responses).
+    assert steps[0]["learning_rate"] == pytest.approx(1e-3 * (1 - 2 / 4))
+    from safetensors.torch import load_file
+
+    trained = load_file(tmp_path / "run" / "grpo" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in trained.values())
 
 
 @pytest.mark.slow

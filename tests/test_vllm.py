@@ -10,7 +10,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -77,16 +76,22 @@ def test_hf_and_vllm_give_the_same_greedy_rollouts_and_the_probe_catches_stale_w
     assert found["probe"].startswith("vLLM is not generating from the policy's weights")
 
 
-def test_ppo_trains_with_the_vllm_engine_and_a_lora_policy(tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "settings"),
+    [
+        ("ppo", "data: demo_prompts, reward_functions: [sentiment], batch_size: 16, mini_batch_size: 8"),
+        # A KL term with a LoRA policy: the reference is the policy with its adapter off.
+        ("grpo", "data: demo_math_prompts, reward_functions: [exact_answer], batch_size: 4, beta: 0.04"),
+    ],
+)
+def test_online_rl_trains_with_the_vllm_engine_and_a_lora_policy(tmp_path, stage, settings):
     path = tmp_path / "r.yaml"
     path.write_text(
-        "model: tiny-llama\nstages:\n  ppo:\n    data: demo_prompts\n    reward_functions: [sentiment]\n"
-        "    engine: vllm\n    steps: 3\n    batch_size: 16\n    mini_batch_size: 8\n    learning_rate: 1.0e-3\n"
-        "    max_new_tokens: 16\n    peft: {method: lora, r: 4}\n"
+        f"model: tiny-llama\nstages:\n  {stage}: {{{settings}, engine: vllm, steps: 3, learning_rate: 1.0e-3, "
+        "max_new_tokens: 16, peft: {method: lora, r: 4}}\n"
     )
     result = run_align("run", str(path), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    log = [
-        json.loads(line) for line in (Path(tmp_path) / "run" / "logs" / "ppo.metrics.jsonl").read_text().splitlines()
-    ]
+    log = [json.loads(line) for line in (tmp_path / "run" / "logs" / f"{stage}.metrics.jsonl").read_text().splitlines()]
     assert len([r for r in log if r["step"]]) == 3  # three updates, each pushed to vLLM and probed
+    assert (tmp_path / "run" / stage / "adapter_config.json").exists()
