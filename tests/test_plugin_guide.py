@@ -37,10 +37,12 @@ REGISTERS = {
     "one_by_one": {"rollout engine": ["one_by_one"]},
     "distinct_n": {"evaluator": ["distinct_n"]},
     "house_rules": {},
+    "group_rank": {"advantage estimator": ["group_rank"]},
+    "dapo": {"stage": ["dapo"]},
 }
 #: The recipes of the guide: each is run by a test below, or where training would take long, checked by
 #: `align config` (every name and setting validated, as before a run).
-RECIPES = {"cpo.yaml", "prune.yaml", "imitate.yaml", "score.yaml"}
+RECIPES = {"cpo.yaml", "prune.yaml", "imitate.yaml", "score.yaml", "rank.yaml"}
 CHECKED_ONLY = {"score.yaml"}
 
 
@@ -213,11 +215,10 @@ def test_the_examples_use_only_the_public_api():
 
 def test_the_guide_lists_every_public_module_and_names_only_public_names():
     table = section(GUIDE.read_text(encoding="utf-8"), "### The public API")
-    rows = dict(re.findall(r"^\| `(align(?:\.\w+)?)` \| (.*) \|$", table, re.MULTILINE))
+    rows = dict(re.findall(r"^\| `(align(?:\.\w+)*)` \| (.*) \|$", table, re.MULTILINE))
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "align").rglob("*.py")}
     public = {
-        f"align.{path.stem}"
-        for path in (REPO / "align").glob("*.py")
-        if path.stem != "__init__" and "__all__" in vars(importlib.import_module(f"align.{path.stem}"))
+        name for name in modules if not name.endswith("__init__") and "__all__" in vars(importlib.import_module(name))
     }
     assert set(rows) == public | {"align"}
     for name, text in rows.items():
@@ -410,3 +411,30 @@ def test_the_scoring_recipe_loads_and_a_misspelt_rule_is_refused(guide, pm):
     assert recipe.stages["sft"].config.score.reward_function == "distinct_words"
     with pytest.raises(AlignError, match="unknown reward function 'distinct_word' .did you mean 'distinct_words'"):
         load_recipe(guide / "score.yaml", ["stages.sft.score.reward_function=distinct_word"], pm)
+
+
+def test_the_rank_estimator_orders_each_group_and_ignores_the_reward_scale(pm):
+    import torch
+
+    from align.rl.advantages import AdvantageInputs
+
+    estimator = pm.get("advantage estimator", "group_rank")
+    scores = torch.tensor([1.0, 5.0, 100.0, 3.0, 3.0, 0.0])
+    mask = torch.ones(6, 2)
+    inputs = AdvantageInputs(torch.zeros(6, 2), mask, torch.tensor([0, 0, 0, 1, 1, 1]), None, 1.0, 1.0)
+    inputs.token_rewards[:, -1] = scores
+    advantages, returns = estimator.estimate(inputs, None)
+    assert returns is None
+    torch.testing.assert_close(advantages[:, 0], torch.tensor([-0.5, 0.0, 0.5, 0.25, 0.25, -0.5]))
+
+
+@pytest.mark.slow
+def test_the_dapo_stage_trains_with_the_rank_estimator(guide):
+    result = align("align run rank.yaml --run-dir runs/rank --plugins-dir plugins", guide)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (guide / "runs/rank/logs/dapo.metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] is not None]
+    assert len(steps) == 4 and all("uniform_group_share" in r for r in steps)  # DAPO's dynamic sampling
+    assert (guide / "runs/rank/dapo/model.safetensors").exists()
+    result = align("align config rank.yaml stages.dapo.num_generations=1 --plugins-dir plugins", guide)
+    assert result.returncode == 2 and "'stages.dapo.num_generations' must be at least 2" in result.stderr
