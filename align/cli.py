@@ -193,9 +193,10 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         parents=[plugin_options],
-        help="show the settings of a stage, model source, PEFT method or rollout engine",
+        help="show the settings of a stage, model source, PEFT method, rollout engine, advantage estimator or "
+        "reward function",
     )
-    explain.add_argument("name", help="a stage, model source, PEFT method or rollout engine, e.g. sft, lora, vllm")
+    explain.add_argument("name", help="a plugin's name, e.g. sft, lora, vllm, grpo, exact_answer")
     explain.set_defaults(command=cmd_explain)
     return parser
 
@@ -350,25 +351,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from align.schema import describe, did_you_mean
 
     pm = _plugin_manager(args)
-    kinds = ("stage", "model source", "peft method", "rollout engine")
-    for kind in kinds:
-        if args.name in pm.registry(kind):
-            obj = pm.registry(kind)[args.name].obj
-            break
-    else:
+    kinds = ("stage", "model source", "peft method", "rollout engine", "advantage estimator", "reward function")
+    found = [(kind, pm.registry(kind)[args.name]) for kind in kinds if args.name in pm.registry(kind)]
+    if not found:
         known = [name for kind in kinds for name in pm.registry(kind)]
         raise AlignError(
             f"nothing named '{args.name}' to explain{did_you_mean(args.name, known)}",
-            hint="stages, model sources, PEFT methods and rollout engines can be explained",
+            hint="stages, model sources, PEFT methods, rollout engines, advantage estimators and reward "
+            "functions can be explained",
         )
-    print(f"{kind} '{args.name}' ({pm.registry(kind)[args.name].plugin})")
-    print(inspect.getdoc(obj) or "")
-    for line in obj.facts() if kind == "stage" else []:
-        print(f"  {line}")
-    for role, spec in getattr(obj, "inputs", {}).items():
-        print(f"\n  {role}  (input; default: {spec.describe_default()})\n      {spec.help}")
-    for name, type_, default, help_ in describe(obj.Config, nested=True):
-        print(f"\n  {name}: {type_} = {default}\n      {help_}")
+    for index, (kind, entry) in enumerate(found):  # a stage and its estimator may share a name (grpo)
+        obj = entry.obj
+        print(f"{chr(10) if index else ''}{kind} '{args.name}' ({entry.plugin})")
+        print(inspect.getdoc(obj) or "")
+        for line in obj.facts() if kind == "stage" else []:
+            print(f"  {line}")
+        if kind == "advantage estimator":
+            print(f"  trains a critic: {'yes' if obj.needs_critic else 'no'}")
+            print(f"  needs several responses per prompt: {'yes' if obj.needs_groups else 'no'}")
+        for role, spec in getattr(obj, "inputs", {}).items():
+            print(f"\n  {role}  (input; default: {spec.describe_default()})\n      {spec.help}")
+        for name, type_, default, help_ in describe(obj.Config, nested=True):
+            print(f"\n  {name}: {type_} = {default}\n      {help_}")
     return 0
 
 

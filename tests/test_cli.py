@@ -79,6 +79,17 @@ def test_explain_shows_a_stages_inputs_and_settings():
     assert "learning_rate: float > 0 = 2e-05" in result.stdout  # with its range
 
 
+def test_explain_shows_both_a_stage_and_an_estimator_of_one_name_and_reward_function_options():
+    result = run_align("explain", "grpo")
+    assert result.returncode == 0, result.stderr
+    assert "stage 'grpo'" in result.stdout and "num_generations: int ≥ 2 = 8" in result.stdout
+    assert "advantage estimator 'grpo'" in result.stdout and "trains a critic: no" in result.stdout
+    assert "scale_rewards: 'group' | 'batch' | 'none' = 'group'" in result.stdout
+    result = run_align("explain", "exact_answer")
+    assert result.returncode == 0 and "reward function 'exact_answer'" in result.stdout
+    assert "column: str = 'answer'" in result.stdout
+
+
 def test_no_command_prints_help_and_exits_2():
     result = run_align()
     assert result.returncode == 2 and "commands:" in result.stdout
