@@ -152,7 +152,5 @@ def load_prompts(
             entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=True
         )
         logger.info("  prompts %s", loaded.describe())
-        prompts += apply_weight(
-            as_kind(examples, kind, plugins, entry.name), source.weight, index
-        )
+        prompts += apply_weight(as_kind(examples, kind, plugins, entry.name), source.weight, index)
     return prompts

@@ -118,7 +118,6 @@ def resolve_reward_functions(
     return resolved
 
 
-
 def columns_of(rows: Sequence[Any]) -> dict[str, list[Any]]:
     """The prompt rows' other columns as reward functions receive them: name → one value per row (None
     where a row lacks it). ``rows`` are :class:`~align.conversation.Example` or anything with ``columns``."""

@@ -81,8 +81,11 @@ class RolloutBatch:
         """The batch of the given rows (a tensor of indices or a boolean mask)."""
         import torch
 
-        taken = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return RolloutBatch(**{name: v[rows] if torch.is_tensor(v) else v for name, v in taken.items()})
+        taken: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            taken[field.name] = value[rows] if torch.is_tensor(value) else value
+        return RolloutBatch(**taken)
 
     def chunks(self, size: int | None) -> Iterator[RolloutBatch]:
         """Consecutive parts of at most ``size`` rows (``None``: the whole batch at once)."""

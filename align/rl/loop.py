@@ -15,9 +15,9 @@ Each iteration (``steps`` of them):
    (``beta``), aggregated per ``loss_aggregation`` (:mod:`align.rl.loss`);
 6. push the new weights to the engine, adapt the KL coefficient, step the learning rate.
 
-The learning rate decays linearly to 0 over every update of the run. Checkpoints (``save_steps``, :mod:`align.rl.checkpoint`) hold everything a
-resumed run needs to continue as if never stopped, including what its final metrics are made of. A
-non-finite loss stops the stage before its checkpoint is written.
+The learning rate decays linearly to 0 over every update of the run. Checkpoints (``save_steps``,
+:mod:`align.rl.checkpoint`) hold everything a resumed run needs to continue as if never stopped, including
+what its final metrics are made of. A non-finite loss stops the stage before its checkpoint is written.
 
 A stage is a subclass of :class:`OnlineRLStage` whose ``Config`` subclasses :class:`OnlineRLSettings`
 with its own defaults (``advantage_estimator`` first among them).
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
@@ -152,7 +152,7 @@ class OnlineRLSettings:
 class OnlineRLStage(Stage):
     """Base class of online-RL stages: set ``name`` and ``Config`` (an :class:`OnlineRLSettings` subclass)."""
 
-    Config: type[OnlineRLSettings]
+    Config: ClassVar[type[OnlineRLSettings]]
     produces = POLICY
     inputs = {
         "policy": Input("the policy to optimise; also the frozen reference", artifact=POLICY, default=(BASE,)),
@@ -325,7 +325,7 @@ class OnlineRL:
         self.critic = None
         if self.estimator.needs_critic:
             self.critic = load_model((reward_input or context.inputs["policy"]).path, "reward")
-        for frozen in (self.reference and self.reference.model, reward_model):
+        for frozen in (self.reference.model if self.reference else None, reward_model):
             if frozen is not None:
                 frozen.to(self.device)
         self.scorer = Scorer(
@@ -388,7 +388,7 @@ class OnlineRL:
 
     def _setup_engine(self) -> None:
         engine = self.engine
-        options = build(engine.Config, self.config.engine_options, f"stages.{self.context.name}.engine_options")
+        options: Any = build(engine.Config, self.config.engine_options, f"stages.{self.context.name}.engine_options")
         engine.check(options)
         self.session = engine.start(self._policy(), self.context.inputs["policy"].path, self.tokenizer, options)
 
