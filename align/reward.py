@@ -84,7 +84,10 @@ class RewardSpec:
     """One reward function in a recipe, with its weight and options."""
 
     function: str = setting(help="The reward function's name (`align plugins` lists them).")
-    weight: float = setting(1.0, help="Its scores are multiplied by this before they are added up.")
+    # Negative weights are meaningful (a penalty); what is not is NaN or infinity.
+    weight: float = setting(
+        1.0, help="Its scores are multiplied by this before they are added up.", above=-math.inf, below=math.inf
+    )
     options: dict[str, Any] = setting(default_factory=dict, help="The function's own settings (its Config).")
 
 
