@@ -178,7 +178,7 @@ class FormatConfig:
 
 
 class Format(RewardFunction):
-    """1.0 when the response matches the pattern (``re.search``), else 0.0."""
+    """1.0 when re.search finds the pattern in the response, else 0.0."""
 
     name = "format"
     Config = FormatConfig

@@ -5,10 +5,11 @@ judge: a prompt asks for a short review, and a review's sentiment is the share o
 that are positive. The SFT data mixes positive and negative reviews, so an SFT policy writes both and
 alignment has room to push it towards positive ones.
 
-The second task, for GRPO with a verifiable reward, is single-digit addition with known answers
+The second task, for GRPO with a verifiable reward, is addition of two numbers from 0 to 19
 (``demo_math_*``): the ``exact_answer`` reward function compares a response's final answer with the
-prompt row's ``answer`` column. Some ordered pairs are held out of every training file and asked only in
-the test file, so the score measures answers the policy was never shown.
+prompt row's ``answer`` column. SFT sees most ordered pairs; of 40 pairs it sees in neither order, a + b
+is asked only in the RL prompts and b + a only in the test, so the test scores what RL taught on
+questions no training file asks.
 
 The generator is seeded: rerunning it rewrites the same files.
 """
@@ -176,40 +177,52 @@ QUESTIONS = [
     "Add {a} and {b}.",
     "What is the sum of {a} and {b}?",
 ]
-MATH_HELD_OUT = 20  # ordered pairs (a, b) of the 100 asked only in the test file
+MATH_RANGE = 20  # operands 0..19: 400 ordered pairs, few enough for a tiny model to learn most of them
+MATH_HELD_OUT = 40  # pairs {a, b}: a + b is asked only in the RL prompts, b + a only in the test
 
 
 def math_reply(a: int, b: int) -> str:
-    return f"{a} + {b} = {a + b}\nAnswer: {a + b}"
+    # The answer straight away, a few tokens: a tiny model computes it from the operands wherever they
+    # stand, so what it learns of a + b serves b + a too.
+    return f"Answer: {a + b}"
+
+
+def math_split(rng: random.Random) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """The ordered pairs (a, b) for SFT, for the RL prompts and for the test; no pair is in two of them.
+
+    A test question is the mirror image of an RL prompt (b + a for a + b) that SFT saw in neither order,
+    so the test scores what RL taught on questions RL never asked.
+    """
+    unordered = [(a, b) for a in range(MATH_RANGE) for b in range(a + 1, MATH_RANGE)]
+    held = [pair if rng.random() < 0.5 else pair[::-1] for pair in rng.sample(unordered, MATH_HELD_OUT)]
+    rl, test = held, [(b, a) for a, b in held]
+    sft = [(a, b) for a in range(MATH_RANGE) for b in range(MATH_RANGE) if (a, b) not in rl and (a, b) not in test]
+    rng.shuffle(sft)
+    return sft, rl, test
 
 
 def math_task(out: Path) -> None:
     # Its own generator, so that the sentiment files above stay byte-identical whatever this task does.
     rng = random.Random(7)
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    rng.shuffle(pairs)
-    held_out, train = pairs[:MATH_HELD_OUT], pairs[MATH_HELD_OUT:]
+    sft, rl, test = math_split(rng)
 
-    def questions(pool: list[tuple[int, int]], count: int) -> list[tuple[int, int, str]]:
-        rows = []
-        for _ in range(count):
-            a, b = rng.choice(pool)
-            rows.append((a, b, rng.choice(QUESTIONS).format(a=a, b=b)))
+    def worded(pairs: list[tuple[int, int]], times: int) -> list[tuple[int, int, str]]:
+        """Each pair in ``times`` different wordings, shuffled."""
+        rows = [(a, b, q.format(a=a, b=b)) for a, b in pairs for q in rng.sample(QUESTIONS, times)]
+        rng.shuffle(rows)
         return rows
+
+    def prompt_row(a: int, b: int, question: str) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": question}], "answer": str(a + b)}) + "\n"
 
     write(
         out / "demo_math_sft.json",
-        [{"instruction": q, "input": "", "output": math_reply(a, b)} for a, b, q in questions(train, 512)],
+        [{"instruction": q, "input": "", "output": math_reply(a, b)} for a, b, q in worded(sft, 2)],
     )
     with (out / "demo_math_prompts.jsonl").open("w", encoding="utf-8") as prompts:
-        for a, b, q in questions(train, 512):
-            prompts.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": str(a + b)}) + "\n")
-    # Every held-out pair in every wording, once: a test set without repeats.
-    with (out / "demo_math_test.jsonl").open("w", encoding="utf-8") as test:
-        for a, b in held_out:
-            for template in QUESTIONS:
-                q = template.format(a=a, b=b)
-                test.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": str(a + b)}) + "\n")
+        prompts.writelines(prompt_row(*row) for row in worded(rl, len(QUESTIONS)))
+    with (out / "demo_math_test.jsonl").open("w", encoding="utf-8") as file:
+        file.writelines(prompt_row(*row) for row in worded(test, 3))
 
 
 if __name__ == "__main__":
