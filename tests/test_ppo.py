@@ -22,7 +22,7 @@ from align.rl.kl import AdaptiveKL, kl_per_token
 from align.rl.loss import Totals, policy_loss
 from align.rl.masked import whiten
 from align.runner import run_recipe
-from conftest import EXTERNAL, TWO_PROCESS_BACKENDS, run_align
+from conftest import EXTERNAL, REPO, TWO_PROCESS_BACKENDS, run_align
 
 REFERENCE = EXTERNAL / "reference_values" / "rlhf_reference_values.json"
 
@@ -170,6 +170,18 @@ def test_the_quickstart_chain_runs_end_to_end_and_alignment_helps(quickstart):
     sft, ppo, dpo = (stages[name]["metrics"]["task_score"] for name in ("sft", "ppo", "dpo"))
     assert ppo > sft + 0.3 and dpo > sft + 0.3
     assert stages["rm"]["metrics"]["eval_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_the_grpo_example_raises_held_out_accuracy_above_sft(tmp_path):
+    result = run_align("run", str(REPO / "examples" / "grpo.yaml"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+    sft, grpo = stages["sft"]["metrics"], stages["grpo"]["metrics"]
+    # Greedy accuracy on sums neither stage trained on, judged by a rule (not by the reward GRPO saw).
+    assert grpo["task_score_before"] == sft["task_score"]
+    assert grpo["task_score"] > sft["task_score"] + 0.08
+    assert grpo["reward_last"] > grpo["reward_first"]
 
 
 @pytest.mark.slow
