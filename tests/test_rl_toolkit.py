@@ -419,8 +419,9 @@ class ToyLM(torch.nn.Module):
         context = embedded.cumsum(1) / (position_ids.unsqueeze(-1) + 1)
         return torch.cat([embedded, context], -1)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        return SimpleNamespace(logits=self.head(self.hidden(input_ids, attention_mask, position_ids)))
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+        logits = self.head(self.hidden(input_ids, attention_mask, position_ids))
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])  # as transformers' models keep the last ones
 
 
 class ToyValue(torch.nn.Module):
@@ -455,12 +456,12 @@ def toy_batch(model, temperature):
 def micro_loss(model, micro, totals, how, temperature):
     """What the loop's _micro_loss computes: policy + 0.1 value + 0.05 KL."""
     mask = micro.response_mask
-    logits, values = model(**micro.model_inputs)
-    logprobs = logprobs_of(response_logits(logits, micro), micro.responses, temperature) * mask
+    logits, values = model(micro)
+    logprobs = logprobs_of(logits, micro.responses, temperature) * mask
     loss = policy_loss(
         logprobs, micro.logprobs, micro.advantages, mask, clip_low=0.2, clip_high=0.28, how=how, totals=totals
     ).loss
-    values = values[:, micro.prompt_width - 1 : -1] * mask
+    values = values * mask
     loss = loss + 0.1 * value_loss(values, micro.values, micro.returns, mask, clip_range=0.2, totals=totals)[0]
     return loss + 0.05 * kl_loss(logprobs, micro.ref_logprobs, mask, how=how, totals=totals)
 
@@ -570,10 +571,17 @@ def test_logprobs_and_entropy_at_temperature():
     assert (entropy_of(logits, 0.5) < entropy_of(logits, 1.0)).all()
 
 
-def test_response_logits_are_one_column_to_the_left():
+def test_response_logits_are_one_column_to_the_left_and_only_those_are_computed():
     batch = packed()
-    logits = torch.arange(3 * 6, dtype=torch.float).reshape(3, 6, 1)
-    assert response_logits(logits, batch)[:, :, 0].tolist() == [[2, 3, 4], [8, 9, 10], [14, 15, 16]]
+    kept = []
+
+    def model(input_ids, attention_mask, position_ids, logits_to_keep):
+        kept.append(logits_to_keep)
+        logits = torch.arange(3 * 6, dtype=torch.float).reshape(3, 6, 1)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+    assert response_logits(model, batch)[:, :, 0].tolist() == [[2, 3, 4], [8, 9, 10], [14, 15, 16]]
+    assert kept == [4]  # the 3 response columns and the one before them
 
 
 @pytest.fixture(scope="module")
@@ -642,7 +650,7 @@ def test_policy_logprobs_and_values_by_row_and_by_chunk(tiny_llama):
                 expected = z[token] - math.log(sum(math.exp(x) for x in z))
                 assert logprobs[i, t].item() == pytest.approx(expected, abs=1e-4)
                 assert values[i, t].item() == pytest.approx(row_values[len(prompt) - 1 + t].item(), abs=1e-4)
-    assert PolicyAndValue(causal, None)(**batch.model_inputs)[1] is None
+    assert PolicyAndValue(causal, None)(batch)[1] is None
     assert policy_logprobs(PolicyAndValue(causal, None), batch, temperature, 2)[1] is None
 
 

@@ -44,28 +44,33 @@ def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return -torch.where(logprobs.isfinite(), logprobs.exp() * logprobs, 0.0).sum(-1)
 
 
-def response_logits(logits: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
-    """The logits that predict each response token (one column to the left of it)."""
-    return logits[:, batch.prompt_width - 1 : -1]
+def response_logits(model: Any, batch: RolloutBatch) -> torch.Tensor:
+    """A causal LM's logits that predict each response token, (rows, response_width, vocabulary).
+
+    Only those columns go through the output layer (``logits_to_keep``): the prompt's would be thrown away.
+    """
+    width = batch.responses.shape[1]
+    logits = model(**batch.model_inputs, logits_to_keep=width + 1).logits
+    return logits[:, -(width + 1) : -1]
 
 
 class PolicyAndValue(torch.nn.Module):
     """The module an RL loop trains: the policy, and the critic when one trains.
 
     One module, so that one optimizer and one DDP or DeepSpeed wrapper serve both (TRL's PPO trainer did
-    the same). Its forward returns the logits and, with a critic, the value at every position (else None).
+    the same). Its forward takes a :class:`~align.rl.batch.RolloutBatch` and returns the logits that
+    predict each response token and, with a critic, its value at each response token (else None).
     """
 
     def __init__(self, policy: Any, value: Any | None) -> None:
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        values = token_values(self.value, inputs) if self.value is not None else None
-        return self.policy(**inputs).logits, values
+    def forward(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        values = None
+        if self.value is not None:
+            values = token_values(self.value, batch.model_inputs)[:, batch.prompt_width - 1 : -1]
+        return response_logits(self.policy, batch), values
 
 
 def policy_logprobs(
@@ -76,10 +81,10 @@ def policy_logprobs(
     logprobs, values = [], []
     with torch.no_grad():
         for part in batch.chunks(chunk):
-            logits, part_values = model(**part.model_inputs)
-            logprobs.append(logprobs_of(response_logits(logits, part), part.responses, temperature))
+            logits, part_values = model(part)
+            logprobs.append(logprobs_of(logits, part.responses, temperature))
             if part_values is not None:
-                values.append(part_values[:, part.prompt_width - 1 : -1])
+                values.append(part_values)
             del logits
     mask = batch.response_mask
     return torch.cat(logprobs) * mask, (torch.cat(values) * mask if values else None)
@@ -105,9 +110,7 @@ class Reference:
         parts = []
         with torch.no_grad(), switched_off:
             for part in batch.chunks(chunk):
-                logits = model(**part.model_inputs).logits
-                parts.append(logprobs_of(response_logits(logits, part), part.responses, temperature))
-                del logits
+                parts.append(logprobs_of(response_logits(model, part), part.responses, temperature))
         return torch.cat(parts) * batch.response_mask
 
 

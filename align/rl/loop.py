@@ -5,7 +5,8 @@ Each iteration (``steps`` of them):
 1. draw ``batch_size`` prompts (:class:`~align.rl.prompts.PromptSampler`) and generate ``num_generations``
    responses to each through a rollout engine (``hf``, ``vllm``, …);
 2. without gradients, ``forward_batch_size`` rows at a time: the policy's log-probabilities at the
-   sampling temperature, the critic's values (when one trains), the reference's log-probabilities (when a
+   sampling temperature (unless the batch makes one update and nothing needs them before it: then the
+   update's own serve), the critic's values (when one trains), the reference's log-probabilities (when a
    KL is asked for), and the scores (:class:`~align.rl.scoring.Scorer`: reward model and/or functions),
    less a penalty for a response that never ended;
 3. per-token rewards: the score at the last token, minus ``kl_coef`` × the per-token KL to the reference;
@@ -231,6 +232,16 @@ class OnlineRL:
         self.mini_batch_size = config.mini_batch_size or self.responses_per_step
         # A reference costs a forward pass per step (and, without an adapter, a model in memory).
         self.needs_reference = config.kl_coef > 0 or config.adaptive_kl or config.beta > 0
+        # With one update per batch, the policy that sampled is the one the update starts from: its
+        # log-probs are the update's own (detached), and a forward pass is saved (TRL does the same),
+        # unless a KL penalty in the reward or a critic needs them before the update.
+        self.on_policy = (
+            config.ppo_epochs == 1
+            and self.mini_batch_size >= self.responses_per_step
+            and not self.estimator.needs_critic
+            and config.kl_coef == 0
+            and not config.adaptive_kl
+        )
         # What the final metrics are made of, kept in every checkpoint: a resumed run reports the same.
         self.before: dict[str, float] = {}
         self.history: dict[str, list[float]] = {"reward": []}
@@ -423,7 +434,8 @@ class OnlineRL:
             device=self.device,
         )
         chunk = config.forward_batch_size
-        batch.logprobs, batch.values = policy_logprobs(self.model, batch, config.temperature, chunk)
+        if not self.on_policy:
+            batch.logprobs, batch.values = policy_logprobs(self.model, batch, config.temperature, chunk)
         if self.reference is not None:
             batch.ref_logprobs = self.reference.logprobs(batch, config.temperature, chunk, policy=self._policy())
         decode = tokenizer.decode
@@ -443,7 +455,7 @@ class OnlineRL:
         mask = batch.response_mask
         kl = None
         token_rewards = torch.zeros_like(mask)
-        if batch.ref_logprobs is not None:
+        if batch.ref_logprobs is not None and batch.logprobs is not None:
             kl = kl_per_token(batch.logprobs, batch.ref_logprobs, config.kl_estimator) * mask
             token_rewards = -self.kl.value * kl
         token_rewards[torch.arange(len(batch), device=self.device), batch.response_lengths - 1] += total
@@ -509,17 +521,16 @@ class OnlineRL:
         """One micro-batch's share of its minibatch's loss, and its share of the logged statistics."""
         import torch
 
-        from align.rl.forward import entropy_of, logprobs_of, response_logits
+        from align.rl.forward import entropy_of, logprobs_of
         from align.rl.loss import kl_loss, policy_loss, value_loss
 
         config = self.config
         mask = micro.response_mask
-        logits, values = self.model(**micro.model_inputs)
-        logits = response_logits(logits, micro)
+        logits, values = self.model(micro)
         logprobs = logprobs_of(logits, micro.responses, config.temperature) * mask
         policy = policy_loss(
             logprobs,
-            micro.logprobs,
+            logprobs.detach() if micro.logprobs is None else micro.logprobs,
             micro.advantages,
             mask,
             clip_low=config.clip_range,
@@ -534,7 +545,7 @@ class OnlineRL:
             "approx_kl": policy.approx_kl,
         }
         if values is not None:
-            values = values[:, micro.prompt_width - 1 : -1] * mask
+            values = values * mask
             critic_loss, clipped = value_loss(
                 values, micro.values, micro.returns, mask, clip_range=config.value_clip_range, totals=totals
             )
