@@ -11,9 +11,9 @@ import pytest
 
 from align import AlignError
 from align.plugin_manager import get_plugin_manager
+from align.plugins.reward_functions import ExactAnswer, Format, Sentiment, final_answer, same_answer
 from align.reward import RewardFunction, RewardSpec, resolve_reward_functions
 from conftest import REPO
-from plugins.reward_functions import ExactAnswer, Format, Sentiment, final_answer, same_answer
 
 DATASETS = REPO / "datasets"
 
