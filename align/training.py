@@ -447,6 +447,7 @@ class TRLStage(Stage):
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         from datasets import Dataset
+        from transformers import set_seed
 
         config = context.config
         tokenizer = load_tokenizer(context)
@@ -454,6 +455,9 @@ class TRLStage(Stage):
         held_out = {name: Dataset.from_dict(self.dataset(rows)) for name, rows in data.held_out.items()}
         arguments = {**common_arguments(config, bool(held_out)), **self.trainer_settings(config)}
         args = trainer_config(trl_class(self.trainer_config), context, **arguments)
+        # Before any weight is made: a new head (a reward model's score) or adapter must not depend on
+        # what ran earlier in this process (an earlier stage trained, or came from the cache).
+        set_seed(args.seed)
         model = load_for_training(context, "policy", self.model_kind)
         extra: dict[str, Any] = {}
         if self.reference:  # an adapter's reference is the model with the adapter off: no second copy

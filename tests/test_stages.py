@@ -387,3 +387,30 @@ def test_the_dpo_example_runs_from_the_readme(tmp_path):
     metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["dpo"]["metrics"]
     assert metrics["first_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics["eval_reward_accuracy"] > 0.7
+
+
+SFT_THEN_RM = """
+model: tiny-llama
+stages:
+  sft: {data: demo_sft, max_steps: 10, batch_size: 8, learning_rate: 1.0e-3}
+  rm: {data: demo_pref, max_steps: 5, batch_size: 8, learning_rate: 1.0e-3}
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_trains_the_same_weights_whether_the_stage_before_it_trained_or_came_from_the_cache(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SFT_THEN_RM)
+    run_dir = tmp_path / "run"
+    first = run_align("run", str(recipe), "--run-dir", str(run_dir))  # sft trains, then rm in the same process
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained_after_sft = load_file(run_dir / "rm" / "model.safetensors")
+    again = run_align("run", str(recipe), "--run-dir", str(run_dir), "--force", "rm")  # sft from the cache
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sft: cached" in again.stderr
+    trained_alone = load_file(run_dir / "rm" / "model.safetensors")
+    # The reward model's new score head is initialised from the seed, not from what ran before it.
+    assert all(torch.equal(trained_alone[name], trained_after_sft[name]) for name in trained_after_sft)
