@@ -101,9 +101,14 @@ def prepare(
         if not next(iter(rows.values())):
             raise AlignError(f"dataset '{entry.name}': no row survived rendering: {report.describe()}")
         if held:
-            prepared.held_out[entry.name], held_report = data_kind.render(renderer, held, f"{entry.name} (held out)")
+            # Held out before rendering (a pair must stay whole), so some may not fit: the report counts them.
+            held_rows, held_report = data_kind.render(renderer, held, f"{entry.name} (held out)")
             prepared.rendered.append(held_report)
             logger.info("  data %s", held_report.describe())
+            if held_report.kept:
+                prepared.held_out[entry.name] = held_rows
+            else:
+                logger.info("  data %s: none of the %d held-out rows survived: not evaluated", entry.name, len(held))
         picked = apply_weight(list(range(report.kept)), source.weight, seed + index)
         for column, values in rows.items():
             prepared.train.setdefault(column, []).extend(values[i] for i in picked)

@@ -103,9 +103,13 @@ class Renderer:
         """``{"input_ids", "labels"}`` for each example that fits, and the report."""
         report = RenderReport(name, rows=len(examples))
         out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
+        lost_calls, lost_rows = 0, 0
         for begin in range(0, len(examples), BATCH):
             batch = examples[begin : begin + BATCH]
             rendered = [self.text_and_spans(e) for e in batch]
+            for example, (text, spans) in zip(batch, rendered, strict=True):
+                lost = _unrendered_tool_calls(example, text, spans)
+                lost_calls, lost_rows = lost_calls + lost, lost_rows + bool(lost)
             encoded = self.tokenizer(
                 [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
             )
@@ -120,6 +124,13 @@ class Renderer:
                 else:
                     labels = _labels(ids, offsets, spans)
                 self._keep(out, ids, labels, report)
+        if lost_calls:
+            raise AlignError(
+                f"dataset '{name}': the chat template leaves out {lost_calls} tool calls in {lost_rows} rows, "
+                "so those replies would be trained as empty or partial text",
+                hint="give the stage a `chat_template:` that renders tool calls (a .jinja file, e.g. a tool-capable "
+                "model's template), or drop the tool-call rows from the dataset",
+            )
         return out, report
 
     def _keep(self, out: dict[str, list[Any]], ids: list[int], labels: list[int], report: RenderReport) -> None:
@@ -257,6 +268,18 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
         max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
     )
     return 1.0 - sum(lengths) / padded
+
+
+def _unrendered_tool_calls(example: Example, text: str, spans: Sequence[tuple[int, int]]) -> int:
+    """How many of the example's tool calls the rendered text does not show (by function name) in their reply."""
+    replies = [m for m in example.messages if m["role"] == "assistant"]
+    lost = 0
+    for message, (start, end) in zip(replies, spans, strict=True):
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            if function.get("name") and function["name"] not in text[start:end]:
+                lost += 1
+    return lost
 
 
 def read_chat_template(value: str | None) -> str | None:

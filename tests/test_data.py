@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -482,6 +483,47 @@ def test_a_mixture_is_weighted_and_keeps_each_datasets_held_out_rows_apart(plugi
     assert [r["dataset"] for r in summary["rendered"]] == ["demo_sft", "demo_sft (held out)", "demo_sft_sharegpt"]
 
 
+def test_the_report_says_how_many_held_out_rows_survived_rendering(plugins, tokenizer):
+    def held_out(max_length: int):
+        data = [DataSource("demo_sft", eval_size=32)]
+        prepared = prepare(data, Renderer(tokenizer, max_length), plugins, kind="conversations")
+        (report,) = [r for r in prepared.summary()["rendered"] if r["dataset"] == "demo_sft (held out)"]
+        return prepared, report
+
+    prepared, report = held_out(50)  # held out before rendering: some do not fit
+    assert report["rows"] == 32 and 0 < report["kept"] < 32 and report["dropped"] == {"too_long": 32 - report["kept"]}
+    assert len(prepared.held_out["demo_sft"]["input_ids"]) == report["kept"]
+    prepared, report = held_out(40)  # none fits: nothing to evaluate on, rather than an empty evaluation set
+    assert report["kept"] == 0 and "demo_sft" not in prepared.held_out
+
+
 def test_preference_data_in_an_sft_stage_is_an_error_that_says_so(plugins, tokenizer):
     with pytest.raises(AlignError, match="'demo_pref' holds preferences, but this stage trains on conversations"):
         prepare("demo_pref", Renderer(tokenizer, 512), plugins, kind="conversations")
+
+
+PLAIN_TEMPLATE = (  # renders each turn's content and nothing else: tool calls vanish
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_calls_a_chat_template_cannot_render_are_an_error_naming_the_dataset_and_count(tokenizer):
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    rows = [
+        Example(
+            [
+                {"role": "user", "content": f"Weather in Oslo? ({i})"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "12 C"},
+                {"role": "assistant", "content": "It is 12 C."},
+            ]
+        )
+        for i in range(3)
+    ]
+    _, report = Renderer(tokenizer, 512).sft(rows, "weather")  # tiny-llama's ChatML renders them
+    assert report.kept == 3
+    plain = Renderer(copy.deepcopy(tokenizer), 512, PLAIN_TEMPLATE)  # the renderer sets the template it is given
+    with pytest.raises(AlignError, match=r"'weather': the chat template leaves out 3 tool calls in 3 rows") as error:
+        plain.sft(rows, "weather")
+    assert "chat_template" in error.value.hint
