@@ -117,27 +117,44 @@ def load_for_training(context: StageContext, role: str, kind: Kind) -> Any:
 
 def trainer_config(config_class: type, context: StageContext, **settings: Any) -> Any:
     """A TRL config from align's ``settings``, the backend's, and the recipe's pass-through options."""
-    clashes = sorted(set(context.passthrough) & set(settings))
+    config = _build_trainer_config(
+        config_class,
+        f"stages.{context.name}",
+        context.stage.name,
+        context.output_dir / CHECKPOINTS,
+        {**trainer_arguments(context.recipe.backend), **settings},
+        context.passthrough,
+    )
+    join_process_group(context.recipe.backend)
+    return config
+
+
+def _build_trainer_config(
+    config_class: type,
+    key: str,
+    plugin: str,
+    output_dir: Path,
+    settings: Mapping[str, Any],
+    passthrough: Mapping[str, Any],
+) -> Any:
+    clashes = sorted(set(passthrough) & set(settings))
     if clashes:
         raise AlignError(
-            f"stages.{context.name}: {', '.join(clashes)} is set by align from its own settings",
-            hint=f"use align's names (`align explain {context.stage.name}`), not TRL's, for these",
+            f"{key}: {', '.join(clashes)} is set by align from its own settings",
+            hint=f"use align's names (`align explain {plugin}`), not TRL's, for these",
         )
     arguments = {
-        "output_dir": str(context.output_dir / CHECKPOINTS),
+        "output_dir": str(output_dir),
         "report_to": [],
         "logging_nan_inf_filter": False,  # the NaN guard must see a NaN loss, not an average hiding it
         "save_total_limit": 2,
-        **trainer_arguments(context.recipe.backend),
         **settings,
-        **context.passthrough,
+        **passthrough,
     }
     try:
-        config = config_class(**arguments)
+        return config_class(**arguments)
     except (TypeError, ValueError) as error:
-        raise AlignError(f"stages.{context.name}: TRL refused the settings: {error}") from None
-    join_process_group(context.recipe.backend)
-    return config
+        raise AlignError(f"{key}: TRL refused the settings: {error}") from None
 
 
 def train(trainer: Any, context: StageContext) -> Any:
@@ -438,6 +455,23 @@ class TRLStage(Stage):
     def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
         plugins.get("data kind", self.data_kind)
         check_score(getattr(config, "score", None), plugins)
+        spec = next(s for s in recipe.stages.values() if s.config is config)
+        if spec.passthrough:  # only then: building a TRL config imports TRL, which takes seconds
+            self._check_passthrough(config, spec, recipe)
+
+    def _check_passthrough(self, config: Any, spec: Any, recipe: Recipe) -> None:
+        """Build the stage's TRL config as its run will, so that TRL refuses a bad value before any work."""
+        import tempfile
+
+        # Not the distributed backends' arguments: TRL sets up devices and process groups when it reads
+        # them. They are align's own, checked already; the pass-through values are what is checked here.
+        backend = {k: v for k, v in trainer_arguments(recipe.backend).items() if k in ("bf16", "fp16", "use_cpu")}
+        settings = {**backend, **common_arguments(config, has_held_out=True), **self.trainer_settings(config)}
+        config_class = trl_class(self.trainer_config)
+        with tempfile.TemporaryDirectory() as scratch:
+            _build_trainer_config(
+                config_class, f"stages.{spec.name}", self.name, Path(scratch), settings, spec.passthrough
+            )
 
     def facts(self) -> list[str]:
         return [
