@@ -20,7 +20,7 @@ from align.kinds import PROMPTS, DataKind, kind_of
 from align.plugin_manager import AlignPluginManager
 from align.render import Renderer, RenderReport
 
-__all__ = ["Prepared", "as_kind", "data_files", "load_prompts", "prepare"]
+__all__ = ["Prepared", "as_kind", "check_data", "data_files", "load_prompts", "prepare"]
 
 logger = logging.getLogger("align.data")
 
@@ -61,6 +61,34 @@ def data_files(data: Any, dataset_dir: str | None) -> list[Path]:
     from align.data import dataset_dirs
 
     return [resolve(source.dataset, dataset_dirs(dataset_dir)).path for source in sources(data)]
+
+
+def check_data(
+    data: str | Sequence[str | DataSource],
+    plugins: AlignPluginManager,
+    *,
+    kind: str,
+    dataset_dir: str | None = None,
+    on_bad_row: Literal["error", "skip"] = "error",
+) -> None:
+    """Read every dataset of ``data`` as :func:`prepare` will, and raise what it would raise: a malformed
+    row (naming file and row), a missing column, an unknown role, an empty file, data of another kind.
+
+    Stages call it from ``Stage.check``, when the recipe loads, so that a later stage's bad data stops the
+    run before an earlier stage trains. Only what depends on the tokenizer (lengths) waits for the stage.
+    """
+    from align.data import dataset_dirs
+
+    data_kind: DataKind = plugins.get("data kind", kind)
+    formats = {name: entry.obj for name, entry in plugins.registry("dataset format").items()}
+    for source in sources(data):
+        entry = resolve(source.dataset, dataset_dirs(dataset_dir))
+        examples, loaded = load_examples(
+            entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=data_kind.prompt_rows
+        )
+        if not examples:
+            raise AlignError(f"dataset '{entry.name}': no usable row: {loaded.describe()}")
+        as_kind(examples, data_kind, plugins, entry.name)
 
 
 def prepare(

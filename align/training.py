@@ -30,7 +30,7 @@ from align.errors import AlignError
 from align.kinds import CONVERSATIONS
 from align.models import Kind, load_model
 from align.peft_method import peft_setting
-from align.prepare import Prepared, data_files, prepare
+from align.prepare import Prepared, check_data, data_files, prepare
 from align.render import Renderer, read_chat_template
 from align.schema import MAX_SEED, setting
 from align.stage import BASE, POLICY, Input, Stage, StageContext
@@ -453,7 +453,9 @@ class TRLStage(Stage):
         return data_files(config.data, recipe.dataset_dir)
 
     def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
-        plugins.get("data kind", self.data_kind)
+        check_data(
+            config.data, plugins, kind=self.data_kind, dataset_dir=recipe.dataset_dir, on_bad_row=config.on_bad_row
+        )
         check_score(getattr(config, "score", None), plugins)
         spec = next(s for s in recipe.stages.values() if s.config is config)
         if spec.passthrough:  # only then: building a TRL config imports TRL, which takes seconds

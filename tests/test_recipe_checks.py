@@ -7,6 +7,7 @@ The corpus in ``tests/recipes/bad`` holds one mistake per file; each file's ``# 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -369,3 +370,34 @@ def test_the_readme_lists_the_exit_codes():
     section = readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
     for status in ("| 0 |", "| 1 |", "| 2 |", "| 130 |"):
         assert status in section
+
+
+@pytest.mark.parametrize(
+    ("rows", "later", "message"),
+    [
+        (
+            [{"instruction": "q", "output": "a"}, {"instruction": "q"}],
+            "sft",
+            "row 1: the column 'output' is missing",
+        ),
+        (
+            [{"instruction": "q", "output": "a"}],
+            "dpo",
+            "holds conversations, but this stage trains on preferences",
+        ),
+        ([], "sft", "is empty"),
+    ],
+    ids=["malformed-row", "wrong-kind", "empty-file"],
+)
+def test_a_later_stages_bad_data_stops_the_run_before_the_first_stage_trains(tmp_path, rows, later, message):
+    data = tmp_path / "later.json"
+    data.write_text(json.dumps(rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: tiny-llama\nstages:\n  first: {{plugin: sft, data: demo_sft, max_steps: 2}}\n"
+        f"  later: {{plugin: {later}, data: {data}}}\n"
+    )
+    result = run_align("run", str(recipe), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "first").exists()  # nothing trained

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from align import hookimpl, hookspecs
+from align import AlignError, hookimpl, hookspecs
 from align.plugin_manager import REGISTRIES, get_plugin_manager, hook_names
 from align.recipe import load_recipe
 from align.runner import run_recipe
@@ -189,17 +189,17 @@ def test_bad_rows_skipped_in_a_run_are_reported(tmp_path):
     )
 
 
-def test_a_bad_row_fails_the_stage_before_training_naming_file_and_row(tmp_path):
+def test_a_bad_row_stops_the_recipe_before_training_naming_file_and_row(tmp_path):
     data = tmp_path / "rows.json"
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
-    summary = run_sft(tmp_path, RECIPE.replace("data: demo_sft", f"data: {data}"))
-    assert summary.status == "failed"
-    assert summary.stages["sft"].error.startswith(f"{data} row 1: the column 'output' is missing")
-    assert not (tmp_path / "run" / "sft").exists()
+    with pytest.raises(AlignError) as error:  # when the recipe loads: every stage's data is read then
+        run_sft(tmp_path, RECIPE.replace("data: demo_sft", f"data: {data}"))
+    assert str(error.value).startswith(f"{data} row 1: the column 'output' is missing")
+    assert not (tmp_path / "run").exists()
 
 
-def test_an_unknown_dataset_fails_the_stage_with_a_suggestion(tmp_path):
-    summary = run_sft(tmp_path, RECIPE.replace("data: demo_sft", "data: demo_sfft"))
-    assert (
-        "'demo_sfft' is neither a registry entry nor a file (did you mean 'demo_sft'?)" in summary.stages["sft"].error
-    )
+def test_an_unknown_dataset_stops_the_recipe_with_a_suggestion(tmp_path):
+    with pytest.raises(
+        AlignError, match=r"'demo_sfft' is neither a registry entry nor a file \(did you mean 'demo_sft'\?\)"
+    ):
+        run_sft(tmp_path, RECIPE.replace("data: demo_sft", "data: demo_sfft"))

@@ -38,8 +38,9 @@ from typing import Any, ClassVar, Literal
 
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
+from align.kinds import PROMPTS
 from align.peft_method import peft_setting
-from align.prepare import data_files
+from align.prepare import check_data, data_files
 from align.reward import RewardSpec, resolve_reward_functions, reward_functions_setting
 from align.rl.loss import Aggregation
 from align.rollout import engine_named
@@ -188,6 +189,7 @@ class OnlineRLStage(Stage):
                 hint="give it a reward_model (a reward-model stage) or reward_functions, or both",
             )
         resolve_reward_functions(config.reward_functions, plugins, f"{key}.reward_functions")
+        check_data(config.data, plugins, kind=PROMPTS, dataset_dir=recipe.dataset_dir, on_bad_row=config.on_bad_row)
         estimator = plugins.get("advantage estimator", config.advantage_estimator)
         build(estimator.Config, config.estimator_options, f"{key}.estimator_options")
         if (estimator.needs_groups or config.drop_uniform_groups) and config.num_generations < 2:
