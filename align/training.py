@@ -48,6 +48,7 @@ __all__ = [
     "TrainingSettings",
     "common_arguments",
     "held_out_setting",
+    "checkpoint_problem",
     "last_checkpoint",
     "load_for_training",
     "load_tokenizer",
@@ -169,7 +170,13 @@ def train(trainer: Any, context: StageContext) -> Any:
         tensorboard = context.run_dir / "tensorboard" / context.name
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tensorboard))))
     context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
-    resume = last_checkpoint(context.output_dir / CHECKPOINTS)
+    folder = context.output_dir / CHECKPOINTS
+    resume = last_checkpoint(folder)
+    if is_main_process():  # incomplete checkpoints after it: the trainer would rotate the good one out
+        kept = int(resume.name.split("-")[1]) if resume else 0
+        for newer in folder.glob("checkpoint-*"):
+            if newer.name.split("-")[1].isdigit() and int(newer.name.split("-")[1]) > kept:
+                shutil.rmtree(newer, ignore_errors=True)
     if resume is not None:
         logger.info("  resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -193,10 +200,69 @@ def _write_data_report(context: StageContext, report: dict[str, Any]) -> None:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete trainer checkpoint in ``folder`` (``checkpoint-N``), or None.
+
+    A kill (or SIGTERM, or a full disk) while the trainer writes a checkpoint leaves it incomplete, and
+    resuming from it fails on every rerun. Such a checkpoint is logged with what is wrong and skipped for
+    the one before (:func:`checkpoint_problem` says what complete means).
+    """
     steps = [
         (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
     ]
-    return max(steps)[1] if steps else None
+    for step, path in sorted(steps, reverse=True):
+        problem = checkpoint_problem(path, step)
+        if problem is None:
+            return path
+        logger.info("  skipping %s: %s", path, problem)
+    return None
+
+
+def checkpoint_problem(path: Path, step: int) -> str | None:
+    """Why the trainer checkpoint ``path`` of ``step`` cannot be resumed from, or None if it can.
+
+    Complete means: ``trainer_state.json`` readable and for this step; the weights (safetensors files
+    whose size matches their header, or ``.bin`` files that are whole zip archives); the optimizer and
+    scheduler (or DeepSpeed's ``global_step*`` folder instead). Reading headers and zip directories costs
+    a few reads per file, whatever the checkpoint's size.
+    """
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its trainer_state.json cannot be read ({type(error).__name__})"
+    if state.get("global_step") != step:
+        return f"its trainer_state.json is for step {state.get('global_step')}, not {step}"
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin"]
+    deepspeed = any(p.is_dir() and p.name.startswith("global_step") for p in path.iterdir())
+    if not weights and not deepspeed:
+        return "it holds no weights"
+    for file in weights:
+        problem = _safetensors_problem(file) if file.suffix == ".safetensors" else _zip_problem(file)
+        if problem:
+            return f"{file.name} {problem}"
+    if not deepspeed:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            problem = _zip_problem(path / name) if (path / name).is_file() else "is missing"
+            if problem:
+                return f"{name} {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    try:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        return f"has no readable header ({type(error).__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    size = file.stat().st_size
+    return None if size == 8 + length + end else f"has {size} bytes, not the {8 + length + end} its header lists"
+
+
+def _zip_problem(file: Path) -> str | None:
+    import zipfile
+
+    return None if zipfile.is_zipfile(file) else "is not a whole file (its archive is cut short)"
 
 
 def _loss_metrics(trainer: Any, result: Any) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,8 +335,17 @@ def test_a_killed_sft_run_continues_from_its_last_checkpoint(tmp_path):
     process.wait()
     assert not (run_dir / "sft").exists()
 
+    # As if killed while writing checkpoint-9: weights cut short. It is skipped for checkpoint-6.
+    (work,) = run_dir.glob(".work/sft-*/checkpoints")
+    shutil.copytree(work / "checkpoint-6", work / "checkpoint-9")
+    state = json.loads((work / "checkpoint-9" / "trainer_state.json").read_text())
+    (work / "checkpoint-9" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 9}))
+    weights = work / "checkpoint-9" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+
     result = run_align(*args)
     assert result.returncode == 0, result.stderr
+    assert "checkpoint-9: model.safetensors has" in result.stderr
     assert "resuming from" in result.stderr and "checkpoint-6" in result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stages"]["sft"]["metrics"]["steps"] == 12
