@@ -179,9 +179,55 @@ def train(trainer: Any, context: StageContext) -> Any:
                 shutil.rmtree(newer, ignore_errors=True)
     if resume is not None:
         logger.info("  resuming from %s", resume)
+    losses = _LossLedger(trainer, resume)
+    trainer.add_callback(losses)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     guard.raise_if_tripped()
-    return result
+    # The trainer's own train_loss is the mean over the steps of this call only: after a resume, of the
+    # steps since the checkpoint. Reported is the mean over every step, as an uninterrupted run's.
+    return result._replace(training_loss=losses.whole_run_mean())
+
+
+#: In every trainer checkpoint align writes, last: the trainer's loss bookkeeping at that step.
+LOSS_LEDGER = "align_loss.json"
+
+
+def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - builds a TrainerCallback lazily
+    """A callback that carries the trainer's loss bookkeeping across a resume.
+
+    The trainer keeps the sum of logged losses, the loss summed since the last log, and the step of that
+    log, and starts all three afresh when it resumes: a resumed stage would report train_loss over the
+    steps since the checkpoint, and a first logged loss over a shorter window. Saved with each checkpoint
+    and restored when training begins, they make a resumed stage log and report what an uninterrupted
+    one does, to the last bit.
+    """
+    from transformers import TrainerCallback
+
+    class LossLedger(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if resume is None:
+                return
+            ledger = json.loads((resume / LOSS_LEDGER).read_text(encoding="utf-8"))
+            trainer._total_loss_scalar = ledger["logged"]
+            trainer._tr_loss += ledger["pending"]
+            trainer._globalstep_last_logged = ledger["last_logged_step"]
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                ledger = {
+                    "step": state.global_step,
+                    "logged": trainer._total_loss_scalar,
+                    "pending": trainer._tr_loss.item(),
+                    "last_logged_step": trainer._globalstep_last_logged,
+                }
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (folder / LOSS_LEDGER).write_text(json.dumps(ledger), encoding="utf-8")
+
+        def whole_run_mean(self) -> float:
+            # After train() everything is drained into _total_loss_scalar.
+            return float(trainer._total_loss_scalar) / max(trainer.state.global_step, 1)
+
+    return LossLedger()
 
 
 def save(trainer: Any, tokenizer: Any, context: StageContext) -> None:
@@ -220,7 +266,8 @@ def last_checkpoint(folder: Path) -> Path | None:
 def checkpoint_problem(path: Path, step: int) -> str | None:
     """Why the trainer checkpoint ``path`` of ``step`` cannot be resumed from, or None if it can.
 
-    Complete means: ``trainer_state.json`` readable and for this step; the weights (safetensors files
+    Complete means: ``trainer_state.json`` and align's ``align_loss.json`` (written after the
+    trainer's files) readable and for this step; the weights (safetensors files
     whose size matches their header, or ``.bin`` files that are whole zip archives); the optimizer and
     scheduler (or DeepSpeed's ``global_step*`` folder instead). Reading headers and zip directories costs
     a few reads per file, whatever the checkpoint's size.
@@ -231,6 +278,11 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
         return f"its trainer_state.json cannot be read ({type(error).__name__})"
     if state.get("global_step") != step:
         return f"its trainer_state.json is for step {state.get('global_step')}, not {step}"
+    try:
+        if json.loads((path / LOSS_LEDGER).read_text(encoding="utf-8"))["step"] != step:
+            return f"its {LOSS_LEDGER} is for another step"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        return f"its {LOSS_LEDGER} cannot be read ({type(error).__name__}), written last"
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin"]
     deepspeed = any(p.is_dir() and p.name.startswith("global_step") for p in path.iterdir())
     if not weights and not deepspeed:

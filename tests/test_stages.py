@@ -340,6 +340,8 @@ def test_a_killed_sft_run_continues_from_its_last_checkpoint(tmp_path):
     shutil.copytree(work / "checkpoint-6", work / "checkpoint-9")
     state = json.loads((work / "checkpoint-9" / "trainer_state.json").read_text())
     (work / "checkpoint-9" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 9}))
+    total = json.loads((work / "checkpoint-9" / "align_loss.json").read_text())
+    (work / "checkpoint-9" / "align_loss.json").write_text(json.dumps({**total, "step": 9}))
     weights = work / "checkpoint-9" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
 
@@ -353,6 +355,18 @@ def test_a_killed_sft_run_continues_from_its_last_checkpoint(tmp_path):
     assert 10 in logged_steps and logged_steps.count(5) == 1  # steps before the checkpoint are not redone
     assert {p.name for p in (run_dir / "sft").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
     assert not (run_dir / "sft" / "checkpoints").exists()
+
+    # The same weights and the same reported metrics as a run never stopped (train_loss: every step's mean).
+    uninterrupted = run_align("run", str(path), "--run-dir", str(tmp_path / "uninterrupted"), *args[4:])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    import torch
+    from safetensors.torch import load_file
+
+    got, expected = (load_file(d / "sft" / "model.safetensors") for d in (run_dir, tmp_path / "uninterrupted"))
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    metrics = summary["stages"]["sft"]["metrics"]
+    expected_metrics = json.loads((tmp_path / "uninterrupted" / "summary.json").read_text())["stages"]["sft"]["metrics"]
+    assert metrics == expected_metrics
 
 
 @pytest.mark.slow

@@ -67,8 +67,18 @@ def cut(file: Path, keep: int = -100) -> None:
         (lambda c: (c / "model.safetensors").unlink(), "it holds no weights"),
         (lambda c: cut(c / "optimizer.pt"), "optimizer.pt is not a whole file"),
         (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+        (lambda c: (c / "align_loss.json").unlink(), "its align_loss.json cannot be read"),
     ],
-    ids=["no-state", "cut-state", "cut-weights", "cut-header", "no-weights", "cut-optimizer", "no-scheduler"],
+    ids=[
+        "no-state",
+        "cut-state",
+        "cut-weights",
+        "cut-header",
+        "no-weights",
+        "cut-optimizer",
+        "no-scheduler",
+        "no-loss-total",
+    ],
 )
 def test_an_incomplete_newest_checkpoint_is_skipped_for_the_one_before(folder, damage, problem, caplog):
     damage(folder / "checkpoint-6")
