@@ -195,6 +195,11 @@ class Recipe:
     dataset_dir: str | None = None  #: a folder with a dataset_info.json, searched before align's own
     path: Path | None = None  #: the file it was read from
 
+    def spec_of(self, config: Any) -> StageSpec:
+        """The stage whose validated settings are ``config``: ``Stage.check`` is handed the settings, and
+        needs the stage's name in the recipe for its error messages."""
+        return next(spec for spec in self.stages.values() if spec.config is config)
+
     def to_plain(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in) as plain data: what ``align config`` prints."""
         return {

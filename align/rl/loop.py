@@ -167,8 +167,7 @@ class OnlineRLStage(Stage):
         return data_files(config.data, recipe.dataset_dir)
 
     def check(self, config: OnlineRLSettings, recipe: Any, plugins: Any) -> None:
-        # check() is handed the settings, not the stage's name in the recipe: find it, for the key paths.
-        spec = next(s for s in recipe.stages.values() if s.config is config)
+        spec = recipe.spec_of(config)
         key = f"stages.{spec.name}"
         responses = config.batch_size * config.num_generations
         mini = config.mini_batch_size or responses
@@ -296,6 +295,7 @@ class OnlineRL:
         from accelerate.utils import DeepSpeedPlugin, set_seed
 
         from align.backend import join_process_group, trainer_arguments
+        from align.rl.checkpoint import Checkpoints
 
         backend = self.context.recipe.backend
         plugin = None
@@ -315,6 +315,9 @@ class OnlineRL:
             cpu=not torch.cuda.is_available(), mixed_precision=precision, deepspeed_plugin=plugin
         )
         join_process_group(backend)
+        self.checkpoints = Checkpoints(
+            self.context.output_dir / "checkpoints", self.accelerator, self.context.logger.info
+        )
         # Each process samples its own prompts and responses, from a seed of its own.
         set_seed(self.config.seed + self.accelerator.process_index)
         self.device = self.accelerator.device
@@ -441,7 +444,8 @@ class OnlineRL:
         if self.reference is not None:
             batch.ref_logprobs = self.reference.logprobs(batch, config.temperature, chunk, policy=self._policy())
         decode = tokenizer.decode
-        prompt_texts = [decode(p.ids, skip_special_tokens=True) for p in rows]
+        asked = [decode(p.ids, skip_special_tokens=True) for p in prompts]  # once per prompt, not per response
+        prompt_texts = [text for text in asked for _ in range(config.num_generations)]
         response_texts = [decode(r, skip_special_tokens=True) for r in generated]
         scores = self.scorer(batch, prompt_texts, response_texts, columns_of(rows))
         scored_at = time.perf_counter()
@@ -626,12 +630,6 @@ class OnlineRL:
             hint="lower learning_rate or kl_coef, or look for a reward model or reward function that returns NaN "
             "or infinity; rerunning the recipe unchanged resumes from the last good checkpoint",
         )
-
-    @property
-    def checkpoints(self) -> Any:
-        from align.rl.checkpoint import Checkpoints
-
-        return Checkpoints(self.context.output_dir / "checkpoints", self.accelerator, self.context.logger.info)
 
     def _checkpoint(self, step: int) -> None:
         from align.rl.checkpoint import RLState
