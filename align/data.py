@@ -241,12 +241,17 @@ def read_rows(entry: DatasetEntry) -> list[dict[str, Any]]:
     builder = FILE_TYPES.get(path.suffix)
     if builder is None:
         raise AlignError(f"dataset '{entry.name}': {path}: unsupported file type; use {', '.join(FILE_TYPES)}")
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its "Failed to load JSON" is ours to report, below
     try:
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets' errors say little about where; find the place ourselves
         if builder == "json":
             return _read_json_by_hand(path, error)
         raise AlignError(f"dataset '{entry.name}': {path} cannot be read as {builder}: {error}") from None
+    finally:
+        quiet.setLevel(level)
     return loaded.to_list()
 
 
@@ -317,10 +322,14 @@ def load_examples(
     columns = {**fmt.columns, **entry.columns}
     tags = {**fmt.tags, **entry.tags}
     read = set(columns.values())  # the columns the format reads; the rest travel with the example
+    # A file named by path has no registry entry to say `ranking: true`: its own columns say it.
+    ranking = entry.ranking or (
+        not entry.registered and "chosen" in columns and bool({columns["chosen"], columns["rejected"]} & rows[0].keys())
+    )
     examples = []
     for index, row in enumerate(rows):
         try:
-            example = fmt.convert(row, columns, tags, entry.ranking)
+            example = fmt.convert(row, columns, tags, ranking)
             if columns.get("kto_tag"):  # LLaMA-Factory's column of unpaired feedback, for every format
                 example.label = _desirable(row, columns["kto_tag"])
             example.columns = {**{k: v for k, v in row.items() if k not in read}, **example.columns}
@@ -365,9 +374,17 @@ def _format(
     matches = [fmt for fmt in formats.values() if fmt.detect(first)]
     if len(matches) != 1:
         found = "no known format" if not matches else f"several formats ({', '.join(m.name for m in matches)})"
+        hint = f"name it with `format:`; known formats: {', '.join(sorted(formats))}"
+        (column, value), *others = first.items()
+        nested = isinstance(value, list) and value and all(isinstance(row, Mapping) for row in value)
+        if not others and nested:  # `{"rows": [{...}, ...]}` reads as one row whose one column holds the rows
+            hint = (
+                f"the rows seem to be nested under '{column}': align reads a JSON array of rows, JSON Lines, "
+                "or a JSON object of columns; move the rows to the top level"
+            )
         raise AlignError(
             f"dataset '{entry.name}': the first row of {entry.path} (columns {', '.join(first)}) matches {found}",
-            hint=f"name it with `format:`; known formats: {', '.join(sorted(formats))}",
+            hint=hint,
         )
     return matches[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,3 +32,11 @@ class ModelSource:
         :param cache_dir: a folder this source may keep built models in across runs.
         """
         raise NotImplementedError
+
+    def architecture(self, config: Any) -> Mapping[str, Any] | None:
+        """The model's ``config.json`` values, when they can be known without building or downloading it.
+
+        Recipe checks read them (a rollout engine refuses a head dimension it has no kernel for) before any
+        stage trains; ``None``, the default, skips those checks.
+        """
+        return None

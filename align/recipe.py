@@ -327,7 +327,12 @@ def validate_model(value: Any, pm: AlignPluginManager) -> ModelSpec:
     if isinstance(value, str):
         if value in sources:
             return ModelSpec(value, build(sources[value].obj.Config, {}, "model"))
-        return ModelSpec("path", build(pm.get("model source", "path").Config, {"path": value}, "model"))
+        try:
+            return ModelSpec("path", build(pm.get("model source", "path").Config, {"path": value}, "model"))
+        except AlignError as error:
+            if suggestion := did_you_mean(value, sources):  # `tiny-lama` is a typo, not a folder
+                raise AlignError(error.message + suggestion, hint=error.hint) from None
+            raise
     if isinstance(value, Mapping):
         settings = dict(value)
         source = settings.pop("source", None)

@@ -8,14 +8,17 @@ engine is :meth:`RolloutEngine.start`-ed once per stage with the policy and retu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from align.schema import build
+
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
+    from align.recipe import Recipe
 
-__all__ = ["RolloutEngine", "RolloutSession", "Sampling", "engine_named"]
+__all__ = ["RolloutEngine", "RolloutSession", "Sampling", "check_engine", "engine_named"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,29 @@ class RolloutEngine:
     def check(self, config: Any) -> None:
         """Refuse, with an :class:`~align.AlignError`, what this machine cannot run (at recipe check)."""
 
+    def check_model(self, architecture: Mapping[str, Any], config: Any) -> None:
+        """Refuse, with an :class:`~align.AlignError`, a model this engine cannot generate from (at recipe
+        check). ``architecture`` holds the base model's ``config.json`` values
+        (:meth:`~align.model_source.ModelSource.architecture`); it is not called when the model source cannot tell them.
+        """
+
     def start(self, model: Any, model_path: str, tokenizer: Any, config: Any) -> RolloutSession:
         """Start a session generating from ``model`` (whose weights were loaded from ``model_path``)."""
         raise NotImplementedError
+
+
+def check_engine(
+    plugins: AlignPluginManager, recipe: Recipe, name: str | None, options: Mapping[str, Any], key: str
+) -> None:
+    """Refuse, at recipe check, an engine that is not registered, options it does not take, and what it
+    cannot run: on this machine (:meth:`RolloutEngine.check`) or for the recipe's model
+    (:meth:`RolloutEngine.check_model`). ``key`` is where the options were written, for messages."""
+    engine = engine_named(plugins, name)
+    config: Any = build(engine.Config, options, key)
+    engine.check(config)
+    architecture = plugins.get("model source", recipe.model.source).architecture(recipe.model.config)
+    if architecture is not None:
+        engine.check_model(architecture, config)
 
 
 def engine_named(plugins: AlignPluginManager, name: str | None) -> RolloutEngine:

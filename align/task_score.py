@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from align.data import DataSource
 from align.reward import RewardFunction, columns_of
-from align.rollout import Sampling, engine_named
+from align.rollout import Sampling, check_engine, engine_named
 from align.schema import MAX_SEED, setting
 
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
+    from align.recipe import Recipe
 
 __all__ = ["ScoreSettings", "check_score", "score_setting", "task_score"]
 
@@ -46,11 +47,12 @@ def score_setting() -> Any:
     )
 
 
-def check_score(settings: ScoreSettings | None, plugins: AlignPluginManager) -> None:
-    """Refuse a ``score:`` setting naming a reward function or engine that no plugin provides."""
+def check_score(settings: ScoreSettings | None, plugins: AlignPluginManager, recipe: Recipe) -> None:
+    """Refuse a ``score:`` setting naming a reward function or engine that no plugin provides, or an
+    engine that cannot generate from the recipe's model."""
     if settings is not None:
         plugins.get("reward function", settings.reward_function)
-        engine_named(plugins, settings.engine)
+        check_engine(plugins, recipe, settings.engine, {}, "score.engine")
 
 
 def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any) -> dict[str, float]:

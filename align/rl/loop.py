@@ -43,7 +43,7 @@ from align.peft_method import peft_setting
 from align.prepare import check_data, data_files
 from align.reward import RewardSpec, resolve_reward_functions, reward_functions_setting
 from align.rl.loss import Aggregation
-from align.rollout import engine_named
+from align.rollout import check_engine, engine_named
 from align.schema import MAX_SEED, build, setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
@@ -201,9 +201,8 @@ class OnlineRLStage(Stage):
                 f"'{key}.num_generations' is {config.num_generations}: {needs}",
                 hint="set num_generations to 2 or more (GRPO commonly uses 8)",
             )
-        engine = engine_named(plugins, config.engine)
-        engine.check(build(engine.Config, config.engine_options, f"{key}.engine_options"))
-        check_score(config.score, plugins)
+        check_engine(plugins, recipe, config.engine, config.engine_options, f"{key}.engine_options")
+        check_score(config.score, plugins, recipe)
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         return OnlineRL(context).run()
