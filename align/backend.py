@@ -9,11 +9,14 @@ DDP or into unsynchronised copies of one training).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from align.errors import AlignError
@@ -30,6 +33,8 @@ __all__ = [
 
 #: Set in the processes that ``align run`` launches, so that they run instead of launching again.
 LAUNCHED_ENV = "ALIGN_LAUNCHED"
+#: The pid of the ``align run`` that launched them, which they stop without (:func:`follow_launcher`).
+LAUNCHER_ENV = "ALIGN_LAUNCHER_PID"
 
 
 @dataclass
@@ -110,8 +115,13 @@ def must_launch(backend: Backend) -> bool:
     return backend.distributed and os.environ.get(LAUNCHED_ENV) != "1"
 
 
-def launch(backend: Backend, argv: Sequence[str]) -> int:
-    """Run ``align <argv>`` under ``accelerate launch`` with this backend; returns its exit status."""
+def launch(backend: Backend, argv: Sequence[str], lock: int | None = None) -> int:
+    """Run ``align <argv>`` under ``accelerate launch`` with this backend; returns its exit status.
+
+    :param lock: the run folder's lock (a descriptor) for accelerate's launcher to hold as well: if this
+        process is killed with SIGKILL, which it cannot pass on, the folder stays locked until the launched
+        processes, which :func:`follow_launcher` stops, are gone.
+    """
     import subprocess
 
     accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -140,10 +150,50 @@ def launch(backend: Backend, argv: Sequence[str]) -> int:
     else:
         # On a CPU too: accelerate's --cpu runs a single process; --multi_gpu runs DDP over gloo there.
         command += ["--multi_gpu"]
-    env = {**os.environ, LAUNCHED_ENV: "1"}
+    env = {**os.environ, LAUNCHED_ENV: "1", LAUNCHER_ENV: str(os.getpid())}
     if backend.kind == "deepspeed":
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    return subprocess.call([*command, "-m", "align.cli", *argv], env=env)
+    return subprocess.call([*command, "-m", "align.cli", *argv], env=env, pass_fds=() if lock is None else (lock,))
+
+
+def follow_launcher(poll_s: float = 1.0, grace_s: float = 30.0) -> None:
+    """In a process that ``align run`` launched: stop when that ``align run`` is gone.
+
+    Killed with SIGKILL, a launcher cannot stop what it started, and the orphans would go on training and
+    writing into the run folder beside the rerun. So a thread watches it: when it is gone, this process
+    gets SIGTERM (an interruption: summary and cleanup as for Ctrl-C) and, should that hang in a collective
+    whose other ranks are gone, exits after ``grace_s``.
+    """
+    import signal
+    import threading
+    import time
+
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return
+
+    def watch() -> None:
+        while _alive(int(launcher)):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="align-follow-launcher", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process that its parent has not reaped yet is a zombie: gone for our purpose
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return True  # no /proc (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _has_cuda() -> bool:
@@ -219,13 +269,42 @@ def is_main_process() -> bool:
 
 
 def wait_for_everyone() -> None:
-    """A barrier across the launched processes, once their trainer has joined the process group."""
+    """A barrier across the launched processes: over the stage's process group when it has one, else
+    (a torch-free stage joins none) over the launcher's key-value store."""
     if not must_sync():
         return
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
+        return
+    store = _launch_store()
+    key = f"align/barrier/{next(_store_barriers)}"
+    if store.add(key, 1) == int(os.environ["WORLD_SIZE"]):  # the last to arrive lets everyone through
+        store.set(f"{key}/open", "1")
+    store.wait([f"{key}/open"])
+
+
+_store_barriers = itertools.count()
+
+
+@functools.cache
+def _launch_store() -> Any:
+    """The key-value store the launched processes share (torchrun's, which its agent serves on
+    MASTER_PORT, or rank 0's). A process group of our own would do, but not twice: a second one on the
+    same store reads the first one's stale addresses."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_serves and is_main_process(),
+        timeout=timedelta(minutes=30),  # as long as a process group's: rank 0 may be publishing gigabytes
+    )
 
 
 def must_sync() -> bool:

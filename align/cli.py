@@ -214,7 +214,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from align.backend import is_main_process, launch, must_launch
+    from align.backend import follow_launcher, is_main_process, launch, must_launch
     from align.recipe import load_recipe
     from align.runner import claim_run_dir, default_run_dir, run_recipe
 
@@ -225,9 +225,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The launching process holds the run folder's lock for the whole run (the processes it starts
         # know they were launched and leave it alone); other machines' launchers leave it to machine 0's.
         main_machine = recipe.backend.machine_rank == 0
-        with claim_run_dir(run_dir) if main_machine else contextlib.nullcontext():
+        with claim_run_dir(run_dir) if main_machine else contextlib.nullcontext() as lock:
             print(f"launching {recipe.backend.world_size} processes ({recipe.backend.kind})", file=sys.stderr)
-            return launch(recipe.backend, args.argv)
+            return launch(recipe.backend, args.argv, lock=lock)
+    follow_launcher()
     if is_main_process():
         _log_to_terminal()
     signal.signal(signal.SIGTERM, _interrupt)  # a killed run records where it stopped, like Ctrl-C

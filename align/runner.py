@@ -176,12 +176,14 @@ def run_recipe(
 
 
 @contextlib.contextmanager
-def claim_run_dir(run_dir: Path) -> Iterator[None]:
-    """Check that ``run_dir`` can be used, create it, and hold its lock until the block ends.
+def claim_run_dir(run_dir: Path) -> Iterator[int]:
+    """Check that ``run_dir`` can be used, create it, and hold its lock until the block ends; yields the
+    lock file's descriptor, for processes that are to hold the lock too (the launcher of a distributed run).
 
-    The lock is an ``flock`` on :data:`LOCK_FILE`, so the OS releases it when the holder exits however it
-    ends (finishes, fails, Ctrl-C, SIGKILL): a lock left by a process that is gone never blocks. The file
-    itself stays; it only names the holder (pid and host) for the message a second run gets.
+    The lock is an ``flock`` on :data:`LOCK_FILE`, so the OS releases it when the last process holding
+    the descriptor exits however it ends (finishes, fails, Ctrl-C, SIGKILL): a lock left by a process that
+    is gone never blocks. The file itself stays; it only names the holder (pid and host) for the message a
+    second run gets.
 
     :raises AlignError: the folder is a file, cannot be created or written, or another run holds it.
     """
@@ -210,7 +212,7 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         except OSError as error:
             raise storage_error(error, run_dir) or AlignError(f"cannot write {run_dir / LOCK_FILE}: {error}") from None
         try:
-            yield
+            yield handle.fileno()
         finally:
             with contextlib.suppress(OSError):  # the file outlives the lock; leave no holder named in it
                 handle.truncate(0)

@@ -209,15 +209,20 @@ def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - build
                 return
             ledger = json.loads((resume / LOSS_LEDGER).read_text(encoding="utf-8"))
             trainer._total_loss_scalar = ledger["logged"]
-            trainer._tr_loss += ledger["pending"]
+            pending = ledger["pending"]  # one per process: each sums its own losses until they are logged
+            process = trainer.accelerator.process_index
+            # Resumed on another number of processes: the logged mean over processes is kept.
+            mine = pending[process] if len(pending) == args.world_size else sum(pending) / args.world_size
+            trainer._tr_loss += mine
             trainer._globalstep_last_logged = ledger["last_logged_step"]
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            pending = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()  # every process
             if state.is_world_process_zero:
                 ledger = {
                     "step": state.global_step,
                     "logged": trainer._total_loss_scalar,
-                    "pending": trainer._tr_loss.item(),
+                    "pending": pending,
                     "last_logged_step": trainer._globalstep_last_logged,
                 }
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

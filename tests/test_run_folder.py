@@ -154,7 +154,7 @@ def test_only_the_launching_process_takes_the_lock(write_recipe, tmp_path, monke
     run_dir = tmp_path / "run"
     seen = {}
 
-    def launch(backend_settings, argv):  # stands in for accelerate: run rank 0 of the launched processes
+    def launch(backend_settings, argv, lock=None):  # stands in for accelerate: run rank 0 of the launched processes
         seen["other run"] = align_run(recipe, run_dir)  # meanwhile another run is refused
         monkeypatch.setenv(backend.LAUNCHED_ENV, "1")
         monkeypatch.setenv("RANK", "0")
@@ -173,6 +173,38 @@ def test_only_the_launching_process_takes_the_lock(write_recipe, tmp_path, monke
     assert summary_of(run_dir)["status"] == "done" and value(run_dir, "b") == 2.0
     with claim_run_dir(run_dir):  # released when the launched processes are done
         pass
+
+
+@pytest.mark.slow
+def test_launched_processes_stop_when_their_launcher_is_killed_and_the_folder_stays_locked_until_then(
+    write_recipe, tmp_path
+):
+    """`kill -9` of a distributed `align run` cannot be passed on to what it launched: the launched
+    processes notice and stop, and the folder is locked until they are gone, so a rerun never runs beside
+    orphans."""
+    import psutil
+
+    recipe = write_recipe(CHAIN.replace("stages:", "backend: {kind: ddp, num_processes: 2}\nstages:"))
+    run_dir = tmp_path / "run"
+    launcher = start_run(recipe, run_dir, "stages.b.sleep=300")
+    launched = psutil.Process(launcher.pid).children(recursive=True)  # accelerate's, and the ranks
+    ranks = [p for p in launched if "LOCAL_RANK" in p.environ()]
+    assert len(ranks) == 2
+    launcher.kill()
+    launcher.communicate(timeout=60)
+    while True:  # whenever the lock can be taken, nothing launched may be left
+        try:
+            with claim_run_dir(run_dir):
+                left = [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                assert not left, f"the folder was free while {left} still ran"
+            break
+        except AlignError:
+            time.sleep(0.2)
+    gone, alive = psutil.wait_procs(launched, timeout=60)
+    assert not alive
+    again = align_run(recipe, run_dir)
+    assert again.returncode == 0, (run_dir / "logs" / "run.log").read_text()[-3000:] + again.stderr[:3000]
+    assert value(run_dir, "b") == 2.0
 
 
 # --- folders that cannot be used, and a full disk --------------------------------------------------------

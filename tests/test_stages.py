@@ -312,14 +312,17 @@ def align_trainer_built(context, trainer):
 
 
 @pytest.mark.slow
-def test_a_killed_sft_run_continues_from_its_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("backend", [[], ["backend.kind=ddp", "backend.num_processes=2"]], ids=["single", "ddp"])
+def test_a_killed_sft_run_continues_from_its_last_checkpoint(tmp_path, backend):
+    """Each process's loss since the last log is in the checkpoint, so on two processes too the resumed
+    run logs and reports what the uninterrupted one does."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "slow_steps.py").write_text(SLOW_STEPS)
     path = tmp_path / "r.yaml"
     path.write_text(recipe(SFT))
     run_dir = tmp_path / "run"
-    args = ["run", str(path), "--run-dir", str(run_dir), "stages.sft.save_steps=3", "stages.sft.max_steps=12"]
+    args = ["run", str(path), "--run-dir", str(run_dir), "stages.sft.save_steps=3", "stages.sft.max_steps=12", *backend]
     process = subprocess.Popen(
         [sys.executable, "-m", "align.cli", *args, "--plugins-dir", str(plugins)],
         env={**os.environ, "ALIGN_TEST_SLOW_AFTER": "6"},
