@@ -36,6 +36,23 @@ class RenderReport:
     trained_tokens: int = 0  #: of which carry loss
     history_truncated: int = 0  #: rows that lost their oldest exchanges to fit max_length
     dropped: Counter[str] = field(default_factory=Counter)
+    #: tool calls the chat template left out of the text, and the rows they were in (refused: see ``check``)
+    lost_tool_calls: int = 0
+    rows_losing_tool_calls: int = 0
+
+    def count_lost_tool_calls(self, lost: int) -> None:
+        self.lost_tool_calls += lost
+        self.rows_losing_tool_calls += bool(lost)
+
+    def check(self) -> None:
+        """Refuse what must not be trained on: tool calls rendered as nothing."""
+        if self.lost_tool_calls:
+            raise AlignError(
+                f"dataset '{self.name}': the chat template leaves out {self.lost_tool_calls} tool calls in "
+                f"{self.rows_losing_tool_calls} rows, so those turns would be trained on as empty or partial text",
+                hint="give the stage a `chat_template:` that renders tool calls (a .jinja file, e.g. a tool-capable "
+                "model's template), or drop the tool-call rows from the dataset",
+            )
 
     def describe(self) -> str:
         text = f"{self.name}: rendered {self.kept} of {self.rows} rows"
@@ -103,13 +120,14 @@ class Renderer:
         """``{"input_ids", "labels"}`` for each example that fits, and the report."""
         report = RenderReport(name, rows=len(examples))
         out: dict[str, list[Any]] = {"input_ids": [], "labels": []}
-        lost_calls, lost_rows = 0, 0
         for begin in range(0, len(examples), BATCH):
             batch = examples[begin : begin + BATCH]
             rendered = [self.text_and_spans(e) for e in batch]
             for example, (text, spans) in zip(batch, rendered, strict=True):
-                lost = _unrendered_tool_calls(example, text, spans)
-                lost_calls, lost_rows = lost_calls + lost, lost_rows + bool(lost)
+                replies = [m for m in example.messages if m["role"] == "assistant"]
+                report.count_lost_tool_calls(
+                    sum(lost_tool_calls([m], text[start:end]) for m, (start, end) in zip(replies, spans, strict=True))
+                )
             encoded = self.tokenizer(
                 [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
             )
@@ -124,13 +142,7 @@ class Renderer:
                 else:
                     labels = _labels(ids, offsets, spans)
                 self._keep(out, ids, labels, report)
-        if lost_calls:
-            raise AlignError(
-                f"dataset '{name}': the chat template leaves out {lost_calls} tool calls in {lost_rows} rows, "
-                "so those replies would be trained as empty or partial text",
-                hint="give the stage a `chat_template:` that renders tool calls (a .jinja file, e.g. a tool-capable "
-                "model's template), or drop the tool-call rows from the dataset",
-            )
+        report.check()
         return out, report
 
     def _keep(self, out: dict[str, list[Any]], ids: list[int], labels: list[int], report: RenderReport) -> None:
@@ -178,6 +190,7 @@ class Renderer:
             out["rejected_ids"].append(rejected)
             report.tokens += len(prompt) * 2 + len(chosen) + len(rejected)
             report.trained_tokens += len(chosen) + len(rejected)
+        report.check()
         return out, report
 
     def feedback(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
@@ -194,6 +207,7 @@ class Renderer:
             out["label"].append(bool(example.label))
             report.tokens += len(prompt) + len(completion)
             report.trained_tokens += len(completion)
+        report.check()
         return out, report
 
     def _prompt_and_replies(
@@ -212,12 +226,13 @@ class Renderer:
             prompt_messages = system + dialogue
             prompt_text = self.text(prompt_messages, example.tools, generation_prompt=True)
             prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            reply_ids = []
+            reply_ids, lost_in_replies = [], 0
             for reply in replies:
                 full = self.text([*prompt_messages, reply], example.tools)
                 if not full.startswith(prompt_text):
                     raise AlignError("the chat template renders a reply's prompt differently from the prompt alone")
                 end = self._end_of_reply(full, len(prompt_text), len(full))
+                lost_in_replies += lost_tool_calls([reply], full[len(prompt_text) : end])
                 reply_ids.append(self.tokenizer(full[len(prompt_text) : end], add_special_tokens=False)["input_ids"])
             if len(prompt_ids) + max(len(r) for r in reply_ids) <= self.max_length:
                 break
@@ -226,6 +241,7 @@ class Renderer:
                 report.dropped["too_long"] += 1
                 return None
             dialogue, truncated = dialogue[users[1] :], True
+        report.count_lost_tool_calls(lost_tool_calls(prompt_messages, prompt_text) + lost_in_replies)
         if not all(reply_ids):
             report.dropped["no_trained_tokens"] += 1
             return None
@@ -239,7 +255,9 @@ class Renderer:
         report = RenderReport(name, rows=len(examples))
         out: dict[str, list[Any]] = {"prompt_ids": [], "columns": []}
         for example in examples:
-            ids = self.prompt_ids(example.messages, example.tools)
+            text = self.text(example.messages, example.tools, generation_prompt=True)
+            report.count_lost_tool_calls(lost_tool_calls(example.messages, text))
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_length:
                 report.dropped["too_long"] += 1
                 continue
@@ -247,6 +265,7 @@ class Renderer:
             out["columns"].append(dict(example.columns))
             report.kept += 1
             report.tokens += len(ids)
+        report.check()
         return out, report
 
 
@@ -270,14 +289,13 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
     return 1.0 - sum(lengths) / padded
 
 
-def _unrendered_tool_calls(example: Example, text: str, spans: Sequence[tuple[int, int]]) -> int:
-    """How many of the example's tool calls the rendered text does not show (by function name) in their reply."""
-    replies = [m for m in example.messages if m["role"] == "assistant"]
+def lost_tool_calls(messages: Sequence[dict[str, Any]], text: str) -> int:
+    """How many of ``messages``' tool calls ``text``, their rendering, does not show (by function name)."""
     lost = 0
-    for message, (start, end) in zip(replies, spans, strict=True):
+    for message in messages:
         for call in message.get("tool_calls") or []:
             function = call.get("function", call)
-            if function.get("name") and function["name"] not in text[start:end]:
+            if function.get("name") and function["name"] not in text:
                 lost += 1
     return lost
 

@@ -518,22 +518,43 @@ PLAIN_TEMPLATE = (  # renders each turn's content and nothing else: tool calls v
 )
 
 
-def test_tool_calls_a_chat_template_cannot_render_are_an_error_naming_the_dataset_and_count(tokenizer):
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
-    rows = [
-        Example(
-            [
-                {"role": "user", "content": f"Weather in Oslo? ({i})"},
-                {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "content": "12 C"},
-                {"role": "assistant", "content": "It is 12 C."},
-            ]
-        )
-        for i in range(3)
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+
+
+def weather(i: int) -> list[dict]:
+    return [
+        {"role": "user", "content": f"Weather in Oslo? ({i})"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "12 C"},
+        {"role": "assistant", "content": "It is 12 C."},
     ]
-    _, report = Renderer(tokenizer, 512).sft(rows, "weather")  # tiny-llama's ChatML renders them
-    assert report.kept == 3
+
+
+def reply(text: str, calls: list | None = None) -> dict:
+    return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+
+
+@pytest.mark.parametrize(
+    ("render", "rows"),
+    [
+        ("sft", [Example(weather(i)) for i in range(3)]),
+        # a preference pair whose history holds the call, and pairs whose chosen reply makes it
+        ("preference", [Example(weather(0)[:-1], chosen=reply("12 C."), rejected=reply("Cold."))]),
+        (
+            "preference",
+            [Example(weather(i)[:1], chosen=reply("", [CALL]), rejected=reply("No idea.")) for i in range(2)],
+        ),
+        ("feedback", [Example(weather(i)[:2], label=True) for i in range(2)]),
+        ("prompts", [Example(weather(i)[:3]) for i in range(2)]),
+    ],
+    ids=["sft", "preference-history", "preference-reply", "feedback", "prompts"],
+)
+def test_tool_calls_a_chat_template_cannot_render_are_an_error_naming_the_dataset_and_count(tokenizer, render, rows):
+    _, report = getattr(Renderer(tokenizer, 512), render)(rows, "weather")  # tiny-llama's ChatML renders them
+    assert report.kept == len(rows)
     plain = Renderer(copy.deepcopy(tokenizer), 512, PLAIN_TEMPLATE)  # the renderer sets the template it is given
-    with pytest.raises(AlignError, match=r"'weather': the chat template leaves out 3 tool calls in 3 rows") as error:
-        plain.sft(rows, "weather")
+    calls = sum(len(m.get("tool_calls") or []) for e in rows for m in [*e.messages, e.chosen or {}, e.rejected or {}])
+    expected = rf"'weather': the chat template leaves out {calls} tool calls in {len(rows)} rows"
+    with pytest.raises(AlignError, match=expected) as error:
+        getattr(plain, render)(rows, "weather")
     assert "chat_template" in error.value.hint
