@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from align.data import DataSource
 from align.errors import AlignError
+from align.model_options import Attention, attention_setting, loading_kwargs
 from align.plugin_manager import AlignPluginManager
 from align.reward import columns_of
 from align.rollout import RolloutEngine, Sampling, engine_named
@@ -84,6 +85,7 @@ class EvalSettings:
         0.1, help="β of DPO's implicit reward β·log(π/π_ref); accuracy does not depend on it.", above=0
     )
     evaluators: list[str] | None = setting(None, help="Evaluators to run (default: all that apply).")
+    attn_implementation: Attention = attention_setting()
 
     def __post_init__(self) -> None:
         # `align eval` makes these from its options, without build(): check the ranges here too.
@@ -167,7 +169,7 @@ class EvalRun:
         from align.models import load_model
 
         if (path, kind) not in self._cache:
-            model = load_model(path, kind)  # type: ignore[arg-type]
+            model = load_model(path, kind, **loading_kwargs(self.settings.attn_implementation))  # type: ignore[arg-type]
             model.eval()
             self._cache[(path, kind)] = model
         return self._cache[(path, kind)]

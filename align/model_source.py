@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["ModelSource"]
+__all__ = ["ModelSource", "build_once"]
 
 
 class ModelSource:
@@ -40,3 +43,22 @@ class ModelSource:
         stage trains; ``None``, the default, skips those checks.
         """
         return None
+
+
+def build_once(folder: Path, build: Callable[[Path], None]) -> str:
+    """``folder``, built by ``build(tmp)`` in a temporary folder beside it and renamed into place, unless it
+    was built before (it holds a ``config.json``). A run killed mid-build leaves no half-built model, and
+    two runs building at once both end with the one that was renamed first."""
+    if (folder / "config.json").is_file():
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not a race with another process: a real error
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-__all__ = ["PeftChoice", "PeftMethod", "Task", "peft_setting"]
+__all__ = [
+    "LearningRates",
+    "PeftChoice",
+    "PeftMethod",
+    "Task",
+    "learning_rate_setting",
+    "peft_setting",
+    "resolve_learning_rate",
+]
 
 Task = Literal["causal", "reward"]
 
@@ -21,6 +29,9 @@ class PeftMethod:
     name: ClassVar[str]
     Config: ClassVar[type]
     fallback: ClassVar[bool] = False
+    #: Trains a few new weights (an adapter) beside frozen ones, as the LoRA family does: such runs want
+    #: learning rates about ten times higher, and stages default to their adapter rate (LearningRates).
+    trains_adapters: ClassVar[bool] = False
 
     def check(self, config: Any) -> None:
         """Refuse, with an :class:`~align.AlignError`, what this machine cannot do (called at recipe check)."""
@@ -58,3 +69,37 @@ def peft_setting() -> Any:
             "qlora, with the method's settings, e.g. {method: lora, r: 16}. `align explain lora` lists them."
         },
     )
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """A stage's default learning rates, each with where it comes from: for training every weight, and
+    for a method that trains an adapter (:attr:`PeftMethod.trains_adapters`)."""
+
+    full: float
+    full_source: str
+    adapter: float
+    adapter_source: str
+
+    def for_method(self, method: PeftMethod) -> float:
+        return self.adapter if method.trains_adapters else self.full
+
+
+def learning_rate_setting(rates: LearningRates, what: str = "Peak learning rate") -> Any:
+    """A stage's ``learning_rate``: unset, the stage takes ``rates``' rate for its PEFT method when the
+    recipe loads (so ``align config`` shows it)."""
+    from align.schema import setting
+
+    return setting(
+        None,
+        help=f"{what}. Default: {rates.full:g} ({rates.full_source}); {rates.adapter:g} with an adapter "
+        f"method such as lora ({rates.adapter_source}).",
+        above=0,
+    )
+
+
+def resolve_learning_rate(config: Any, spec: Any, rates: LearningRates) -> None:
+    """Give a stage's unset ``learning_rate`` its default for the stage's PEFT method (at recipe check)."""
+    if config.learning_rate is None:
+        assert spec.peft is not None, "a stage with a learning rate trains, and so has a `peft` setting"
+        config.learning_rate = rates.for_method(spec.peft.method)

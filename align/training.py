@@ -28,8 +28,9 @@ from align.backend import is_main_process, join_process_group, trainer_arguments
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import CONVERSATIONS
+from align.model_options import ModelOptions, check_attention, loading_kwargs
 from align.models import Kind, load_model
-from align.peft_method import peft_setting
+from align.peft_method import LearningRates, learning_rate_setting, peft_setting, resolve_learning_rate
 from align.prepare import Prepared, check_data, data_files, prepare
 from align.render import Renderer, read_chat_template
 from align.schema import MAX_SEED, setting
@@ -112,7 +113,9 @@ def load_for_training(context: StageContext, role: str, kind: Kind) -> Any:
     peft = context.peft
     if peft is None:
         raise AlignError(f"stage '{context.name}' has no `peft` setting, which training stages declare")
-    model = load_model(context.inputs[role].path, kind, **peft.method.load_kwargs(peft.config))
+    config = context.config
+    options = loading_kwargs(config.attn_implementation) if isinstance(config, ModelOptions) else {}
+    model = load_model(context.inputs[role].path, kind, **options, **peft.method.load_kwargs(peft.config))
     return peft.method.apply(model, peft.config, kind)
 
 
@@ -411,8 +414,12 @@ def _callbacks(context: StageContext) -> tuple[Any, Any]:
     return Metrics(), NanGuard()
 
 
+#: Tiny random models want far higher rates than either.
+SFT_RATES = LearningRates(2e-5, "TRL's SFTConfig", 1e-4, "LLaMA-Factory's examples/train_lora/qwen3_lora_sft.yaml")
+
+
 @dataclass
-class TrainingSettings:
+class TrainingSettings(ModelOptions):
     """Settings every TRL-based stage shares; a stage's own settings class extends it."""
 
     data: str | list[str | DataSource] = data_setting()
@@ -437,9 +444,7 @@ class TrainingSettings:
         special={-1: "train for `epochs` instead"},
     )
     epochs: float = setting(1.0, help="Passes over the data when max_steps is -1.", above=0)
-    learning_rate: float = setting(
-        2e-5, help="Peak learning rate. Tiny models want far higher rates than real ones.", above=0
-    )
+    learning_rate: float | None = learning_rate_setting(SFT_RATES)
     batch_size: int = setting(8, help="Examples per process per optimizer step.", minimum=1)
     gradient_accumulation_steps: int = setting(1, help="Batches summed before each optimizer step.", minimum=1)
     warmup_steps: float = setting(
@@ -480,6 +485,9 @@ def common_arguments(config: TrainingSettings, has_held_out: bool) -> dict[str, 
         "save_steps": config.save_steps or 500,
         "seed": config.seed,
         "max_length": config.max_length,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        # Non-reentrant: works with frozen embeddings (adapters) and with DDP, unlike the old default.
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
     }
 
 
@@ -530,6 +538,9 @@ class TRLStage(Stage):
     * ``metrics``: TRL's logged name → align's name, reported as ``train_<name>`` (last logged),
       ``eval_<dataset>_<name>`` and ``eval_<name>`` (held out, per dataset and their mean).
     * ``model_kind``: ``causal`` (a policy) or ``reward`` (a one-output sequence classifier).
+    * ``learning_rates``: the default ``learning_rate`` for full training and for adapters, with sources;
+      a settings class that redeclares ``learning_rate`` uses :func:`~align.peft_method.learning_rate_setting`
+      with the same rates.
     * ``reference``: hand the trainer a frozen reference (``ref_model``): the input policy, or, for a PEFT
       adapter, ``None`` so that TRL switches the adapter off instead of holding a second copy.
     * :meth:`trainer_settings`: the TRL config arguments its own settings map to.
@@ -550,6 +561,7 @@ class TRLStage(Stage):
     reference: ClassVar[bool] = False
     produces: ClassVar[str | None] = POLICY
     inputs: ClassVar[Mapping[str, Input]] = {"policy": Input("the model to train", artifact=POLICY, default=(BASE,))}
+    learning_rates: ClassVar[LearningRates] = SFT_RATES
 
     # ---------------------------------------------------------------------------- what a subclass adds
     def trainer_settings(self, config: Any) -> dict[str, Any]:
@@ -581,6 +593,8 @@ class TRLStage(Stage):
         )
         check_score(getattr(config, "score", None), plugins, recipe)
         spec = recipe.spec_of(config)
+        check_attention(config.attn_implementation, f"stages.{spec.name}")
+        resolve_learning_rate(config, spec, self.learning_rates)
         if spec.passthrough:  # only then: building a TRL config imports TRL, which takes seconds
             self._check_passthrough(config, spec, recipe)
 
@@ -621,7 +635,10 @@ class TRLStage(Stage):
         extra: dict[str, Any] = {}
         if self.reference:  # an adapter's reference is the model with the adapter off: no second copy
             adapter = hasattr(model, "peft_config")
-            extra["ref_model"] = None if adapter else load_model(context.inputs["policy"].path, self.model_kind)
+            extra["ref_model"] = None
+            if not adapter:
+                frozen = loading_kwargs(config.attn_implementation, context.recipe.backend)
+                extra["ref_model"] = load_model(context.inputs["policy"].path, self.model_kind, **frozen)
         trainer = self.trainer_class()(
             model=model,
             args=args,

@@ -8,17 +8,14 @@ dimension is 64 because vLLM's CPU attention accepts that and not smaller ones.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align import AlignError, hookimpl
 from align.artifacts import fingerprint, hash_file
-from align.model_source import ModelSource
+from align.model_source import ModelSource, build_once
 from align.schema import MAX_SEED, setting
 
 # ChatML, with {% generation %} around assistant replies so that trainers that rely on it can mask the
@@ -177,19 +174,7 @@ class TinyLlamaSource(ModelSource):
 
     def materialize(self, config: TinyLlamaConfig, cache_dir: Path) -> str:
         folder = cache_dir / f"tiny-llama-{self.fingerprint(config)[:16]}"
-        if (folder / "config.json").is_file():
-            return str(folder)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=cache_dir))
-        try:
-            build_tiny_llama(config, tmp)
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "config.json").is_file():  # not a race with another process: a real error
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return str(folder)
+        return build_once(folder, lambda tmp: build_tiny_llama(config, tmp))
 
 
 def build_tiny_llama(config: TinyLlamaConfig, folder: Path) -> None:

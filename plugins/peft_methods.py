@@ -77,6 +77,7 @@ class Lora(PeftMethod):
     name = "lora"
     Config = LoraConfig
     dora = False
+    trains_adapters = True
 
     def apply(self, model: Any, config: LoraConfig, task: Task) -> Any:
         from peft import LoraConfig as PeftLoraConfig

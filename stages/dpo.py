@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from align import AlignError, hookimpl
 from align.kinds import PREFERENCES
+from align.peft_method import LearningRates, learning_rate_setting
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
 from align.training import PolicyTrainingSettings, TRLStage, held_out_setting, trl_class
@@ -40,9 +41,12 @@ LossType = Literal[
 ]
 
 
+RATES = LearningRates(1e-6, "TRL's DPOConfig", 5e-6, "LLaMA-Factory's examples/train_lora/qwen3_lora_dpo.yaml")
+
+
 @dataclass
 class DPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's DPOConfig default, 1e-6).", above=0)
+    learning_rate: float | None = learning_rate_setting(RATES)
     # beta 0.1: TRL's default and the value behind ../shared/external/reference_values (dpo_loss_worked_example).
     beta: float = setting(
         0.1,
@@ -68,6 +72,7 @@ class DPOStage(TRLStage):
     """Direct preference optimisation (TRL DPOTrainer) against the frozen input policy."""
 
     name = "dpo"
+    learning_rates = RATES
     Config = DPOSettings
     trainer, trainer_config = "DPOTrainer", "DPOConfig"
     data_kind = PREFERENCES

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from align import AlignError, hookimpl
 from align.evaluation import EvalSettings
+from align.model_options import check_attention
 from align.rollout import check_engine
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Artifact, Input, Stage, StageContext
@@ -55,7 +56,9 @@ class EvalStage(Stage):
     }
 
     def check(self, config: EvalStageSettings, recipe: Recipe, plugins: AlignPluginManager) -> None:
-        check_engine(plugins, recipe, config.engine, {}, f"stages.{recipe.spec_of(config).name}.engine")
+        key = f"stages.{recipe.spec_of(config).name}"
+        check_engine(plugins, recipe, config.engine, {}, f"{key}.engine")
+        check_attention(config.attn_implementation, key)
         for name in config.reward_functions:
             plugins.get("reward function", name)
         for name in config.evaluators or []:

@@ -12,9 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align import hookimpl
+from align.peft_method import LearningRates, learning_rate_setting
 from align.rl.loop import OnlineRLSettings, OnlineRLStage
 from align.schema import setting
 from align.stage import Stage
+
+RATES = LearningRates(
+    1e-6, "TRL's GRPOConfig", 1e-5, "LLaMA-Factory's examples/train_lora/llama3_lora_ppo.yaml, its online-RL example"
+)
 
 
 @dataclass
@@ -27,7 +32,9 @@ class GRPOSettings(OnlineRLSettings):
     )
     ppo_epochs: int = setting(1, help="Passes over each iteration's responses (GRPO's μ).", minimum=1)
     # TRL's GRPOConfig: learning rate 1e-6, beta 0, no KL penalty in the reward, no whitening.
-    learning_rate: float = setting(1e-6, help="Learning rate (Adam, eps 1e-5, linear decay over steps).", above=0)
+    learning_rate: float | None = learning_rate_setting(
+        RATES, "Learning rate (Adam, eps 1e-5, linear decay over steps)"
+    )
     kl_coef: float = setting(
         0.0, help="Weight of a per-token KL penalty in the reward (GRPO puts it in the loss).", minimum=0
     )
@@ -41,6 +48,7 @@ class GRPOStage(OnlineRLStage):
     """GRPO: group-relative advantages from reward functions and/or a reward model, no critic."""
 
     name = "grpo"
+    learning_rates = RATES
     Config = GRPOSettings
 
 

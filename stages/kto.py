@@ -14,6 +14,7 @@ from typing import Any
 
 from align import hookimpl
 from align.kinds import FEEDBACK
+from align.peft_method import LearningRates, learning_rate_setting
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
 from align.training import PolicyTrainingSettings, TRLStage, held_out_setting, trl_class
@@ -21,9 +22,12 @@ from align.training import PolicyTrainingSettings, TRLStage, held_out_setting, t
 logger = logging.getLogger("align")
 
 
+RATES = LearningRates(1e-6, "TRL's KTOConfig", 5e-6, "LLaMA-Factory's examples/train_lora/qwen3_lora_kto.yaml")
+
+
 @dataclass
 class KTOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's KTOConfig default, 1e-6).", above=0)
+    learning_rate: float | None = learning_rate_setting(RATES)
     beta: float = setting(
         0.1,
         help="Parameter controlling the deviation from the reference model. Higher β means less deviation from "
@@ -58,6 +62,7 @@ class KTOStage(TRLStage):
     """
 
     name = "kto"
+    learning_rates = RATES
     Config = KTOSettings
     trainer, trainer_config = "KTOTrainer", "KTOConfig"
     data_kind = FEEDBACK

@@ -12,14 +12,22 @@ from typing import Any
 
 from align import hookimpl
 from align.kinds import PREFERENCES
+from align.peft_method import LearningRates, learning_rate_setting
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
 from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, held_out_setting, trl_class
 
+RATES = LearningRates(
+    1e-6,
+    "TRL's ORPOConfig",
+    5e-6,
+    "LLaMA-Factory's examples/train_lora/qwen3_lora_dpo.yaml, whose pref_loss may be orpo",
+)
+
 
 @dataclass
 class ORPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's ORPOConfig default, 1e-6).", above=0)
+    learning_rate: float | None = learning_rate_setting(RATES)
     beta: float = setting(
         0.1,
         help="Parameter controlling the relative ratio loss weight in the ORPO loss: λ of the paper, the weight of "
@@ -41,6 +49,7 @@ class ORPOStage(TRLStage):
     """
 
     name = "orpo"
+    learning_rates = RATES
     Config = ORPOSettings
     trainer, trainer_config = "ORPOTrainer", "ORPOConfig"
     data_kind = PREFERENCES

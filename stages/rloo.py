@@ -10,9 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align import hookimpl
+from align.peft_method import LearningRates, learning_rate_setting
 from align.rl.loop import OnlineRLSettings, OnlineRLStage
 from align.schema import setting
 from align.stage import Stage
+
+RATES = LearningRates(
+    1e-6, "TRL's RLOOConfig", 1e-5, "LLaMA-Factory's examples/train_lora/llama3_lora_ppo.yaml, its online-RL example"
+)
 
 
 @dataclass
@@ -27,7 +32,9 @@ class RLOOSettings(OnlineRLSettings):
     )
     ppo_epochs: int = setting(1, help="Passes over each iteration's responses.", minimum=1)
     # TRL's RLOOConfig: learning rate 1e-6, KL 0.05 in the reward, no whitening.
-    learning_rate: float = setting(1e-6, help="Learning rate (Adam, eps 1e-5, linear decay over steps).", above=0)
+    learning_rate: float | None = learning_rate_setting(
+        RATES, "Learning rate (Adam, eps 1e-5, linear decay over steps)"
+    )
     whiten_advantages: bool = setting(False, help="Also normalise advantages over the whole batch.")
 
 
@@ -35,6 +42,7 @@ class RLOOStage(OnlineRLStage):
     """RLOO: leave-one-out baselines from reward functions and/or a reward model, no critic."""
 
     name = "rloo"
+    learning_rates = RATES
     Config = RLOOSettings
 
 

@@ -13,14 +13,17 @@ from typing import Any
 
 from align import hookimpl
 from align.kinds import PREFERENCES
+from align.peft_method import LearningRates, learning_rate_setting
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage
 from align.training import TrainingSettings, TRLStage, held_out_setting
 
+RATES = LearningRates(1e-5, "TRL's RewardConfig", 1e-4, "LLaMA-Factory's examples/train_lora/qwen3_lora_reward.yaml")
+
 
 @dataclass
 class RMSettings(TrainingSettings):
-    learning_rate: float = setting(1e-5, help="Peak learning rate (TRL's RewardConfig default, 1e-5).", above=0)
+    learning_rate: float | None = learning_rate_setting(RATES)
     eval_size: float = held_out_setting(0.1)
     center_rewards: float | None = setting(
         None,
@@ -34,6 +37,7 @@ class RMStage(TRLStage):
     """A reward model from preference pairs (TRL RewardTrainer), with held-out accuracy."""
 
     name = "rm"
+    learning_rates = RATES
     Config = RMSettings
     trainer, trainer_config = "RewardTrainer", "RewardConfig"
     data_kind = PREFERENCES

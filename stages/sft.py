@@ -23,11 +23,6 @@ from align.training import PolicyTrainingSettings, TRLStage
 
 @dataclass
 class SFTSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(
-        2e-5,
-        help="Peak learning rate (TRL's SFT default, 2e-5). Tiny models want far higher rates than real ones.",
-        above=0,
-    )
     packing: bool = setting(
         False,
         help="Pack several conversations into each sequence of max_length tokens "

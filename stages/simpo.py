@@ -12,14 +12,22 @@ from typing import Any
 
 from align import hookimpl
 from align.kinds import PREFERENCES
+from align.peft_method import LearningRates, learning_rate_setting
 from align.schema import setting
 from align.stage import BASE, POLICY, Input, Stage
 from align.training import PolicyTrainingSettings, PretokenizedPairs, TRLStage, held_out_setting, trl_class
 
+RATES = LearningRates(
+    1e-6,
+    "TRL's CPOConfig",
+    5e-6,
+    "LLaMA-Factory's examples/train_lora/qwen3_lora_dpo.yaml, whose pref_loss may be simpo",
+)
+
 
 @dataclass
 class SimPOSettings(PolicyTrainingSettings):
-    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's CPOConfig default, 1e-6).", above=0)
+    learning_rate: float | None = learning_rate_setting(RATES)
     beta: float = setting(
         0.1,
         help="Scale of the reward, β times the mean log-likelihood per token of a reply (TRL's CPOConfig "
@@ -45,6 +53,7 @@ class SimPOStage(TRLStage):
     """
 
     name = "simpo"
+    learning_rates = RATES
     Config = SimPOSettings
     trainer, trainer_config = "CPOTrainer", "CPOConfig"
     data_kind = PREFERENCES

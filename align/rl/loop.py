@@ -39,7 +39,8 @@ from typing import Any, ClassVar, Literal
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import PROMPTS
-from align.peft_method import peft_setting
+from align.model_options import ModelOptions, check_attention, loading_kwargs, offload_setting, on_device
+from align.peft_method import LearningRates, learning_rate_setting, peft_setting, resolve_learning_rate
 from align.prepare import check_data, data_files
 from align.reward import RewardSpec, resolve_reward_functions, reward_functions_setting
 from align.rl.loss import Aggregation
@@ -51,8 +52,14 @@ from align.task_score import ScoreSettings, check_score, score_setting
 __all__ = ["OnlineRLSettings", "OnlineRLStage"]
 
 
+# 1.41e-5: TRL's gpt2-sentiment example (reference_values: trl_gpt2_sentiment_notebook_source).
+PPO_RATES = LearningRates(
+    1.41e-5, "TRL's gpt2-sentiment example", 1e-5, "LLaMA-Factory's examples/train_lora/llama3_lora_ppo.yaml"
+)
+
+
 @dataclass
-class OnlineRLSettings:
+class OnlineRLSettings(ModelOptions):
     """The loop's settings. A stage subclasses this and redeclares the ones whose defaults are its own."""
 
     data: str | list[str | DataSource] = data_setting()
@@ -92,9 +99,8 @@ class OnlineRLSettings:
         minimum=1,
     )
     ppo_epochs: int = setting(4, help="Passes over each iteration's responses (GRPO's μ).", minimum=1)
-    # 1.41e-5: TRL's gpt2-sentiment example (reference_values: trl_gpt2_sentiment_notebook_source).
-    learning_rate: float = setting(
-        1.41e-5, help="Learning rate of the policy (and critic); Adam, eps 1e-5, linear decay over steps.", above=0
+    learning_rate: float | None = learning_rate_setting(
+        PPO_RATES, "Learning rate of the policy (and critic); Adam, eps 1e-5, linear decay over steps"
     )
     max_prompt_length: int = setting(256, help="Tokens of prompt; longer prompts are dropped and counted.", minimum=1)
     max_new_tokens: int = setting(48, help="Longest response.", minimum=1)
@@ -148,6 +154,7 @@ class OnlineRLSettings:
     logging_steps: int = setting(1, help="Log metrics every this many iterations.", minimum=1)
     save_steps: int = setting(20, help="Checkpoint every this many iterations, for resuming (0: never).", minimum=0)
     seed: int = setting(42, help="Seed of prompt order, sampling and initialisation.", minimum=0, maximum=MAX_SEED)
+    offload_frozen_models: bool = offload_setting()
     score: ScoreSettings | None = score_setting()
 
 
@@ -155,6 +162,8 @@ class OnlineRLStage(Stage):
     """Base class of online-RL stages: set ``name`` and ``Config`` (an :class:`OnlineRLSettings` subclass)."""
 
     Config: ClassVar[type[OnlineRLSettings]]
+    #: Default learning rates; a settings class that redeclares ``learning_rate`` uses the same ones.
+    learning_rates: ClassVar[LearningRates] = PPO_RATES
     produces = POLICY
     inputs = {
         "policy": Input("the policy to optimise; also the frozen reference", artifact=POLICY, default=(BASE,)),
@@ -202,6 +211,8 @@ class OnlineRLStage(Stage):
                 hint="set num_generations to 2 or more (GRPO commonly uses 8)",
             )
         check_engine(plugins, recipe, config.engine, config.engine_options, f"{key}.engine_options")
+        check_attention(config.attn_implementation, key)
+        resolve_learning_rate(config, spec, self.learning_rates)
         check_score(config.score, plugins, recipe)
 
     def run(self, context: StageContext) -> Mapping[str, float]:
@@ -330,19 +341,27 @@ class OnlineRL:
         context, config = self.context, self.config
         self.tokenizer = load_tokenizer(context)
         self.policy = load_for_training(context, "policy", "causal")
+        frozen = loading_kwargs(config.attn_implementation, context.recipe.backend)
         self.reference: Reference | None = None
         if self.needs_reference:
             # With an adapter the reference is the policy with the adapter off: no second copy in memory.
             adapter = hasattr(self.policy, "disable_adapter")
-            self.reference = Reference(None if adapter else _frozen(load_model(context.inputs["policy"].path)))
+            copy = None if adapter else _frozen(load_model(context.inputs["policy"].path, **frozen))
+            self.reference = Reference(copy)
         reward_input = context.inputs.get("reward_model")
-        reward_model = _frozen(load_model(reward_input.path, "reward")) if reward_input else None
+        reward_model = _frozen(load_model(reward_input.path, "reward", **frozen)) if reward_input else None
         self.critic = None
         if self.estimator.needs_critic:
-            self.critic = load_model((reward_input or context.inputs["policy"]).path, "reward")
-        for frozen in (self.reference.model if self.reference else None, reward_model):
-            if frozen is not None:
-                frozen.to(self.device)
+            critic_from = (reward_input or context.inputs["policy"]).path
+            self.critic = load_model(critic_from, "reward", **loading_kwargs(config.attn_implementation))
+        if config.gradient_checkpointing:
+            for model in (self.policy, self.critic):
+                if model is not None:  # non-reentrant: frozen embeddings (adapters) need no special care
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.frozen_models = [self.reference.model if self.reference else None, reward_model]
+        for model in self.frozen_models:
+            if model is not None and not config.offload_frozen_models:
+                model.to(self.device)  # else they wait on the CPU until a batch is scored (`_rollout`)
         self.scorer = Scorer(
             reward_model,
             self.functions,
@@ -387,6 +406,7 @@ class OnlineRL:
         config = self.config
         model = PolicyAndValue(self.policy, self.critic)
         parameters = [p for p in model.parameters() if p.requires_grad]
+        assert config.learning_rate is not None, "the recipe check gives an unset learning rate its default"
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5)  # N details 2: eps 1e-5
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Every update steps it, and there are ceil(responses / mini_batch_size) updates per epoch (fewer
@@ -440,13 +460,14 @@ class OnlineRL:
         chunk = config.forward_batch_size
         if not self.on_policy:
             batch.logprobs, batch.values = policy_logprobs(self.model, batch, config.temperature, chunk)
-        if self.reference is not None:
-            batch.ref_logprobs = self.reference.logprobs(batch, config.temperature, chunk, policy=self._policy())
         decode = tokenizer.decode
         asked = [decode(p.ids, skip_special_tokens=True) for p in prompts]  # once per prompt, not per response
         prompt_texts = [text for text in asked for _ in range(config.num_generations)]
         response_texts = [decode(r, skip_special_tokens=True) for r in generated]
-        scores = self.scorer(batch, prompt_texts, response_texts, columns_of(rows))
+        with on_device(self.frozen_models, self.device, offload=config.offload_frozen_models):
+            if self.reference is not None:
+                batch.ref_logprobs = self.reference.logprobs(batch, config.temperature, chunk, policy=self._policy())
+            scores = self.scorer(batch, prompt_texts, response_texts, columns_of(rows))
         scored_at = time.perf_counter()
 
         total = scores.total
