@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from align.errors import AlignError
 
@@ -52,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+DEVICE_MEMORY_HELP = "plan against SIZE per process (80GB: a GPU you will run on) instead of this machine"
+
+
 def _parser() -> argparse.ArgumentParser:
     from align import __version__
 
@@ -85,7 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)"
     )
+    run.add_argument(
+        "--no-memory-check", action="store_true", help="run stages the memory plan says will not fit (align plan)"
+    )
+    run.add_argument("--device-memory", metavar="SIZE", help=DEVICE_MEMORY_HELP)
     run.set_defaults(command=cmd_run)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[plugin_options],
+        help="estimate each stage's memory before running it",
+        description="Estimate what each stage will hold per process (weights, gradients, optimizer states, "
+        "activations, frozen models, rollout engine) and compare it with the device's memory.",
+    )
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    plan.add_argument("--device-memory", metavar="SIZE", help=DEVICE_MEMORY_HELP)
+    plan.add_argument(
+        "--dataset-dir", metavar="DIR", help="a folder with a dataset_info.json (the recipe's dataset_dir)"
+    )
+    plan.set_defaults(command=cmd_plan)
 
     config = commands.add_parser(
         "config",
@@ -214,13 +238,19 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from align.backend import follow_launcher, is_main_process, launch, must_launch
+    from align.backend import LAUNCHED_ENV, follow_launcher, is_main_process, launch, must_launch
+    from align.memory import check_fits
     from align.recipe import load_recipe
     from align.runner import claim_run_dir, default_run_dir, run_recipe
 
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, _overrides(args), pm)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(recipe)
+    if os.environ.get(LAUNCHED_ENV) != "1":  # the launcher plans; the processes it starts need not again
+        text, plans, device = _memory_plan(recipe, pm, args.device_memory, detail=False)
+        print(text, file=sys.stderr)
+        if not args.no_memory_check:
+            check_fits(plans, device)
     if must_launch(recipe.backend):
         # The launching process holds the run folder's lock for the whole run (the processes it starts
         # know they were launched and leave it alone); other machines' launchers leave it to machine 0's.
@@ -240,6 +270,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"done: {summary.run_dir}/summary.json")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from align.recipe import load_recipe
+
+    pm = _plugin_manager(args)
+    recipe = load_recipe(args.recipe, _overrides(args), pm)
+    text, _, _ = _memory_plan(recipe, pm, args.device_memory, detail=True)
+    print(text)
+    return 0
+
+
+def _memory_plan(recipe: Any, pm: Any, device_memory: str | None, detail: bool) -> tuple[str, list[Any], Any]:
+    """The recipe's memory plan as text, its stage plans, and the device it is compared with."""
+    from align.memory import Device, format_plan, parse_bytes, plan_recipe
+
+    shape, plans = plan_recipe(recipe, pm)
+    if device_memory:
+        device = Device(f"--device-memory {device_memory}", parse_bytes(device_memory))
+    else:
+        device = Device.this_machine(recipe.backend.num_processes)
+    return format_plan(shape, plans, device, detail), plans, device
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from align.memory import ModelShape
 
 __all__ = [
     "LearningRates",
@@ -43,6 +46,14 @@ class PeftMethod:
     def apply(self, model: Any, config: Any, task: Task) -> Any:
         """Return the model to train: ``model`` with its trainable parameters chosen, or wrapped by peft."""
         return model
+
+    def trainable_parameters(self, config: Any, shape: ModelShape) -> int | None:
+        """How many parameters train, for the memory plan (:mod:`align.memory`); None: all of them."""
+        return None
+
+    def bytes_per_base_parameter(self, config: Any) -> float | None:
+        """Bytes per frozen base weight when the method quantizes them (for the memory plan); None: float32."""
+        return None
 
 
 @dataclass

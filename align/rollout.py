@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from align.schema import build
 
 if TYPE_CHECKING:
+    from align.memory import ModelShape, Need
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
 
@@ -69,6 +70,12 @@ class RolloutEngine:
     def start(self, model: Any, model_path: str, tokenizer: Any, config: Any) -> RolloutSession:
         """Start a session generating from ``model`` (whose weights were loaded from ``model_path``)."""
         raise NotImplementedError
+
+    def memory(self, config: Any, shape: ModelShape, sequences: int, length: int, bytes_per_value: int) -> list[Need]:
+        """What generating ``sequences`` at once up to ``length`` tokens holds per process, beyond the policy
+        (for the memory plan): a KV cache, an engine's own copy of the weights. ``bytes_per_value``: the
+        policy's dtype."""
+        return []
 
 
 def check_engine(

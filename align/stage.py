@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from align.artifacts import tokenizer_identity
 
 if TYPE_CHECKING:
+    from align.memory import ModelShape, Need
     from align.peft_method import PeftChoice
     from align.plugin_manager import AlignPluginManager
-    from align.recipe import Recipe
+    from align.recipe import Recipe, StageSpec
 
 __all__ = ["BASE", "POLICY", "REWARD_MODEL", "Artifact", "Input", "Stage", "StageContext", "StageOutcome"]
 
@@ -144,6 +145,14 @@ class Stage:
         were validated against its ``Config``: the place to check names against the registries (a reward
         function, an engine, a data kind) so that a typo stops the run before earlier stages train.
         """
+
+    def memory(
+        self, config: Any, spec: StageSpec, recipe: Recipe, plugins: AlignPluginManager, shape: ModelShape
+    ) -> Sequence[Need] | None:
+        """What the stage will hold per process at its peak, for the memory plan (``align plan``), from the
+        base model's ``shape`` and the stage's settings; :mod:`align.memory` has the usual parts. None, the
+        default: the stage does not say, and the plan shows it as not estimated."""
+        return None
 
     def facts(self) -> list[str]:
         """Lines ``align explain`` prints under the stage's description (what it takes and produces)."""

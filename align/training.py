@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from align import memory
 from align.backend import is_main_process, join_process_group, trainer_arguments
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
-from align.kinds import CONVERSATIONS
+from align.kinds import CONVERSATIONS, FEEDBACK, PREFERENCES
+from align.memory import PRECISION_BYTES, Need
 from align.model_options import ModelOptions, check_attention, loading_kwargs
 from align.models import Kind, load_model
 from align.peft_method import LearningRates, learning_rate_setting, peft_setting, resolve_learning_rate
@@ -38,8 +40,9 @@ from align.stage import BASE, POLICY, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
 
 if TYPE_CHECKING:
+    from align.memory import ModelShape
     from align.plugin_manager import AlignPluginManager
-    from align.recipe import Recipe
+    from align.recipe import Recipe, StageSpec
 
 __all__ = [
     "CHECKPOINTS",
@@ -611,6 +614,27 @@ class TRLStage(Stage):
             _build_trainer_config(
                 config_class, f"stages.{spec.name}", self.name, Path(scratch), settings, spec.passthrough
             )
+
+    def memory(
+        self, config: Any, spec: StageSpec, recipe: Recipe, plugins: AlignPluginManager, shape: ModelShape
+    ) -> list[Need]:
+        backend = recipe.backend
+        act = PRECISION_BYTES[backend.precision]
+        trained = memory.trainable(spec.peft, shape)
+        needs = [memory.weights("policy", shape.parameters, memory.base_bytes(spec.peft), backend, trained=True)]
+        if trained < shape.parameters:
+            needs.append(Need("adapter weights", trained * 4))
+        needs += memory.adam_and_gradients("trained", trained, backend)
+        # A pair (or, for KTO, an example and its KL counterpart) is two sequences in one forward pass.
+        tokens = config.batch_size * config.max_length * (2 if self.data_kind in (PREFERENCES, FEEDBACK) else 1)
+        needs.append(memory.activations(shape, tokens, act, config.gradient_checkpointing))
+        if self.model_kind == "causal":
+            needs.append(memory.logits(shape, tokens))
+        if self.reference:
+            if trained == shape.parameters:  # an adapter's reference is the policy with the adapter off
+                needs.append(memory.weights("reference", shape.parameters, act, backend, trained=False))
+            needs.append(memory.logits(shape, tokens, copies=1, what="reference logits"))
+        return needs
 
     def facts(self) -> list[str]:
         return [

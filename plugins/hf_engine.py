@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import hookimpl
+from align.memory import ModelShape, Need, kv_cache, logits
 from align.rollout import RolloutEngine, RolloutSession, Sampling
 from align.schema import setting
 
@@ -81,6 +82,15 @@ class HFEngine(RolloutEngine):
 
     def start(self, model: Any, model_path: str, tokenizer: Any, config: HFConfig) -> RolloutSession:
         return HFSession(model, tokenizer, config)
+
+    def memory(
+        self, config: HFConfig, shape: ModelShape, sequences: int, length: int, bytes_per_value: int
+    ) -> list[Need]:
+        at_once = min(sequences, config.batch_size)
+        return [
+            kv_cache(shape, at_once, length, bytes_per_value),
+            logits(shape, at_once, copies=1, what="sampling logits"),
+        ]
 
 
 @hookimpl

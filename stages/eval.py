@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from align import AlignError, hookimpl
 from align.evaluation import EvalSettings
+from align.memory import ModelShape, Need
 from align.model_options import check_attention
-from align.rollout import check_engine
+from align.rollout import check_engine, engine_named
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Artifact, Input, Stage, StageContext
 
@@ -63,6 +64,17 @@ class EvalStage(Stage):
             plugins.get("reward function", name)
         for name in config.evaluators or []:
             plugins.get("evaluator", name)
+
+    def memory(
+        self, config: EvalStageSettings, spec: Any, recipe: Recipe, plugins: AlignPluginManager, shape: ModelShape
+    ) -> list[Need]:
+        # Every model evaluated stays loaded (float32) until the end, so that each is loaded once.
+        policies = spec.inputs["policy"]
+        count = (len(policies) if isinstance(policies, list) else 1) + 1 + ("reward_model" in spec.inputs)
+        needs = [Need(f"{count} models' weights (policies, reference, judge)", count * shape.parameters * 4)]
+        engine = engine_named(plugins, config.engine)
+        # Prompts' lengths are not known before they are rendered: 256 tokens of prompt are assumed.
+        return needs + engine.memory(engine.Config(), shape, config.samples, 256 + config.max_new_tokens, 4)
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         from align.evaluation import evaluate_models, write_reports

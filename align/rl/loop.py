@@ -32,13 +32,15 @@ import statistics
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from align import memory
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import PROMPTS
+from align.memory import PRECISION_BYTES, ModelShape, Need
 from align.model_options import ModelOptions, check_attention, loading_kwargs, offload_setting, on_device
 from align.peft_method import LearningRates, learning_rate_setting, peft_setting, resolve_learning_rate
 from align.prepare import check_data, data_files
@@ -214,6 +216,41 @@ class OnlineRLStage(Stage):
         check_attention(config.attn_implementation, key)
         resolve_learning_rate(config, spec, self.learning_rates)
         check_score(config.score, plugins, recipe)
+
+    def memory(self, config: OnlineRLSettings, spec: Any, recipe: Any, plugins: Any, shape: ModelShape) -> list[Need]:
+        backend = recipe.backend
+        act = PRECISION_BYTES[backend.precision]
+        estimator = plugins.get("advantage estimator", config.advantage_estimator)
+        trained = memory.trainable(spec.peft, shape)
+        needs = [memory.weights("policy", shape.parameters, memory.base_bytes(spec.peft), backend, trained=True)]
+        if trained < shape.parameters:
+            needs.append(Need("adapter weights", trained * 4))
+        needs += memory.adam_and_gradients("policy", trained, backend)
+        if estimator.needs_critic:
+            needs.append(memory.weights("critic", shape.parameters, 4, backend, trained=True))
+            needs += memory.adam_and_gradients("critic", shape.parameters, backend)
+        frozen_where = "cpu" if config.offload_frozen_models else "device"
+        if (config.kl_coef > 0 or config.beta > 0) and trained == shape.parameters:
+            needs.append(
+                replace(memory.weights("reference", shape.parameters, act, backend, False), where=frozen_where)
+            )
+        if "reward_model" in spec.inputs:
+            needs.append(
+                replace(memory.weights("reward model", shape.parameters, act, backend, False), where=frozen_where)
+            )
+        # The peak is one of two moments: training on a micro-batch, or generating and scoring a batch.
+        responses = config.batch_size * config.num_generations
+        length = config.max_prompt_length + config.max_new_tokens
+        micro = config.micro_batch_size or config.mini_batch_size or responses
+        training = [memory.activations(shape, micro * length, act, config.gradient_checkpointing)]
+        training.append(memory.logits(shape, micro * length))
+        engine = engine_named(plugins, config.engine)
+        options: Any = build(engine.Config, config.engine_options, f"stages.{spec.name}.engine_options")
+        chunk = config.forward_batch_size or responses
+        scoring = engine.memory(options, shape, responses, length, 4)
+        scoring.append(memory.logits(shape, chunk * length, copies=2, what="scoring logits"))
+        needs += max(training, scoring, key=lambda part: sum(n.bytes for n in part))
+        return needs
 
     def run(self, context: StageContext) -> Mapping[str, float]:
         return OnlineRL(context).run()
