@@ -25,6 +25,7 @@ __all__ = [
     "ModelOptions",
     "attention_setting",
     "check_attention",
+    "check_liger",
     "frozen_dtype",
     "loading_kwargs",
     "offload_setting",
@@ -77,6 +78,21 @@ def check_attention(attn_implementation: str, key: str) -> None:
         raise AlignError(
             f"'{key}.attn_implementation' is flash_attention_2, which needs a GPU; this machine has none",
             hint="use attn_implementation: sdpa",
+        )
+
+
+def check_liger(key: str) -> None:
+    """Refuse, when the recipe loads, Liger kernels where they cannot run: they are Triton GPU kernels."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise AlignError(
+            f"'{key}.liger_kernel' is true, but the liger-kernel package is not installed",
+            hint="pip install -e '.[liger]' (on a GPU), or leave liger_kernel false",
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AlignError(
+            f"'{key}.liger_kernel' needs a GPU (Liger's kernels are Triton GPU kernels); this machine has none"
         )
 
 
