@@ -48,10 +48,9 @@ def test_the_corpus_is_there_and_every_file_says_what_it_expects():
 def needs(path: Path) -> list[Any]:
     if path.stem.startswith("vllm_"):  # the engine's own check comes first: "vllm is not installed"
         return [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
-    if path.stem.startswith("flash_attention_"):  # the mistake is running without it
-        return [
-            pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
-        ]
+    for prefix, module in (("flash_attention_", "flash_attn"), ("liger_kernel_", "liger_kernel")):
+        if path.stem.startswith(prefix):  # the mistake is asking for it without it
+            return [pytest.mark.skipif(importlib.util.find_spec(module) is not None, reason=f"{module} is installed")]
     return []
 
 
