@@ -239,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
     from align.backend import LAUNCHED_ENV, follow_launcher, is_main_process, launch, must_launch
-    from align.memory import check_fits
+    from align.memory import check_fits, format_plan, plan_recipe
     from align.recipe import load_recipe
     from align.runner import claim_run_dir, default_run_dir, run_recipe
 
@@ -247,10 +247,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, _overrides(args), pm)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(recipe)
     if os.environ.get(LAUNCHED_ENV) != "1":  # the launcher plans; the processes it starts need not again
-        text, plans, device = _memory_plan(recipe, pm, args.device_memory, detail=False)
-        print(text, file=sys.stderr)
-        if not args.no_memory_check:
-            check_fits(plans, device)
+        shape, plans = plan_recipe(recipe, pm)
+        if shape is not None:  # a model source that cannot tell its shape gets no plan, and no check
+            device = _device(recipe, args.device_memory)
+            print(format_plan(shape, plans, device, detail=False), file=sys.stderr)
+            if not args.no_memory_check:
+                check_fits(plans, device)
     if must_launch(recipe.backend):
         # The launching process holds the run folder's lock for the whole run (the processes it starts
         # know they were launched and leave it alone); other machines' launchers leave it to machine 0's.
@@ -273,25 +275,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from align.memory import format_plan, plan_recipe
     from align.recipe import load_recipe
 
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, _overrides(args), pm)
-    text, _, _ = _memory_plan(recipe, pm, args.device_memory, detail=True)
-    print(text)
+    shape, plans = plan_recipe(recipe, pm)
+    print(format_plan(shape, plans, _device(recipe, args.device_memory), detail=True))
     return 0
 
 
-def _memory_plan(recipe: Any, pm: Any, device_memory: str | None, detail: bool) -> tuple[str, list[Any], Any]:
-    """The recipe's memory plan as text, its stage plans, and the device it is compared with."""
-    from align.memory import Device, format_plan, parse_bytes, plan_recipe
+def _device(recipe: Any, device_memory: str | None) -> Any:
+    """What each process has: ``--device-memory``, or this machine's GPU or memory."""
+    from align.memory import Device, parse_bytes
 
-    shape, plans = plan_recipe(recipe, pm)
     if device_memory:
-        device = Device(f"--device-memory {device_memory}", parse_bytes(device_memory))
-    else:
-        device = Device.this_machine(recipe.backend.num_processes)
-    return format_plan(shape, plans, device, detail), plans, device
+        return Device(f"--device-memory {device_memory}", parse_bytes(device_memory))
+    return Device.this_machine(recipe.backend.num_processes)
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -256,8 +256,8 @@ def check_fits(plans: Sequence[StagePlan], device: Device) -> None:
 
 def format_plan(shape: ModelShape | None, plans: Sequence[StagePlan], device: Device, detail: bool = True) -> str:
     """The plan as text: per stage its total on the device against the device, and (``detail``) each need."""
-    if shape is None:
-        return "memory plan: not estimated (the model source does not tell the model's shape)"
+    if shape is None:  # `align run` says nothing then; `align plan` says why
+        return "memory plan: not estimated (the model source does not tell the model's shape)" if detail else ""
     lines = [f"memory plan, per process, against {device.label}: {shape.parameters / 1e6:.1f}M-parameter model"]
     width = max(len(plan.stage) for plan in plans)
     for plan in plans:
