@@ -177,7 +177,7 @@ def train(trainer: Any, context: StageContext) -> Any:
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tensorboard))))
     context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
     folder = context.output_dir / CHECKPOINTS
-    resume = last_checkpoint(folder)
+    resume = last_checkpoint(folder, resumable=True)
     if is_main_process():  # incomplete checkpoints after it: the trainer would rotate the good one out
         kept = int(resume.name.split("-")[1]) if resume else 0
         for newer in folder.glob("checkpoint-*"):
@@ -221,6 +221,11 @@ def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - build
             mine = pending[process] if len(pending) == args.world_size else sum(pending) / args.world_size
             trainer._tr_loss += mine
             trainer._globalstep_last_logged = ledger["last_logged_step"]
+            for mode, values in ledger.get("buffered", {}).items():  # TRL's metrics awaiting the next log
+                trainer._metrics[mode].clear()
+                trainer._metrics[mode].update({name: list(v) for name, v in values.items()})
+            if "train_tokens" in ledger:
+                trainer._total_train_tokens = ledger["train_tokens"]
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             pending = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()  # every process
@@ -231,6 +236,10 @@ def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - build
                     "pending": pending,
                     "last_logged_step": trainer._globalstep_last_logged,
                 }
+                if isinstance(getattr(trainer, "_metrics", None), dict):
+                    ledger["buffered"] = {m: {k: list(v) for k, v in d.items()} for m, d in trainer._metrics.items()}
+                if hasattr(trainer, "_total_train_tokens"):
+                    ledger["train_tokens"] = trainer._total_train_tokens
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 (folder / LOSS_LEDGER).write_text(json.dumps(ledger), encoding="utf-8")
 
@@ -256,18 +265,26 @@ def _write_data_report(context: StageContext, report: dict[str, Any]) -> None:
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
-def last_checkpoint(folder: Path) -> Path | None:
+def last_checkpoint(folder: Path, resumable: bool = False) -> Path | None:
     """The newest complete trainer checkpoint in ``folder`` (``checkpoint-N``), or None.
 
     A kill (or SIGTERM, or a full disk) while the trainer writes a checkpoint leaves it incomplete, and
     resuming from it fails on every rerun. Such a checkpoint is logged with what is wrong and skipped for
     the one before (:func:`checkpoint_problem` says what complete means).
+
+    :param resumable: also skip the final step's checkpoint (a kill after it, before the stage published):
+        transformers, resumed there in the middle of an epoch, trains one step too many. The steps after
+        the checkpoint before it are redone instead.
     """
     steps = [
         (int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
     ]
     for step, path in sorted(steps, reverse=True):
         problem = checkpoint_problem(path, step)
+        if problem is None and resumable:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            if state["global_step"] >= state["max_steps"]:
+                problem = "it is the final step's, from which the trainer would train a step too many"
         if problem is None:
             return path
         logger.info("  skipping %s: %s", path, problem)

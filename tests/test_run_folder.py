@@ -188,10 +188,10 @@ def test_launched_processes_stop_when_their_launcher_is_killed_and_the_folder_st
     run_dir = tmp_path / "run"
     launcher = start_run(recipe, run_dir, "stages.b.sleep=300")
     launched = psutil.Process(launcher.pid).children(recursive=True)  # accelerate's, and the ranks
-    ranks = [p for p in launched if "LOCAL_RANK" in p.environ()]
-    assert len(ranks) == 2
     launcher.kill()
     launcher.communicate(timeout=60)
+    ranks = [p for p in launched if "LOCAL_RANK" in p.environ()]
+    assert len(ranks) == 2
     while True:  # whenever the lock can be taken, nothing launched may be left
         try:
             with claim_run_dir(run_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -99,3 +100,11 @@ def test_no_complete_checkpoint_means_a_fresh_start(folder):
     for checkpoint in folder.glob("checkpoint-*"):
         (checkpoint / "trainer_state.json").unlink()
     assert last_checkpoint(folder) is None
+
+
+def test_the_final_steps_checkpoint_is_complete_but_not_resumed_from(folder, caplog):
+    """Resumed at max_steps mid-epoch, transformers trains one step more: the one before is resumed."""
+    caplog.set_level(logging.INFO, logger="align")
+    assert last_checkpoint(folder) == folder / "checkpoint-6"  # complete (export, the NaN guard)
+    assert last_checkpoint(folder, resumable=True) == folder / "checkpoint-3"
+    assert "checkpoint-6: it is the final step's" in caplog.text
