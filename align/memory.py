@@ -35,8 +35,10 @@ __all__ = [
     "check_fits",
     "describe_bytes",
     "format_plan",
+    "fused_lm_head",
     "kv_cache",
     "logits",
+    "padding",
     "parse_bytes",
     "plan_recipe",
     "weights",
@@ -171,27 +173,43 @@ def adam_and_gradients(what: str, trainable: int, backend: Backend) -> list[Need
 
 
 def activations(
-    shape: ModelShape, tokens: int, bytes_per_value: int, checkpointing: bool, trained_layers: int | None = None
+    shape: ModelShape, tokens: int, bytes_per_value: int, checkpointing: bool, padded_length: int | None = None
 ) -> Need:
     """What a training forward pass keeps for the backward pass, over ``tokens`` (batch × length).
 
-    Per token and layer a Llama block keeps its two norms' inputs and outputs, q, k, v, the attention
-    output (sdpa and flash attention keep no score matrix), and the MLP's gate, up, activation and
-    product. With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a
-    time. ``trained_layers``: layers whose activations the backward pass reaches (freeze), default all.
+    Per token and layer a Llama block keeps three hidden-sized tensors for each of its two norms (input,
+    normalised, output), q, k, v and the attention output (sdpa and flash attention keep no score
+    matrix), and the MLP's gate, up, activation and product; the final norm keeps three more. With
+    padding (``padded_length``: the padded sequence length; None with flash attention, which takes none)
+    sdpa also keeps each layer's mask row, and k and v repeated to every query head. With gradient
+    checkpointing only each layer's input is kept, and one layer is recomputed at a time. Measured against
+    autograd's saved tensors on tiny-llama and SmolLM2 (``bench/memory_plan.py``).
     """
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = 4 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate
-    layers = shape.layers if trained_layers is None else trained_layers
+    per_layer = 6 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate
+    if padded_length:
+        per_layer += padded_length + 2 * (q - kv)
+    outside = 3 * shape.hidden
     if checkpointing:
-        values = tokens * (shape.hidden * layers + per_layer)
+        values = tokens * (shape.hidden * shape.layers + per_layer + outside)
         return Need(f"activations, {tokens} tokens (gradient checkpointing)", values * bytes_per_value)
-    return Need(f"activations, {tokens} tokens", tokens * per_layer * layers * bytes_per_value)
+    return Need(f"activations, {tokens} tokens", tokens * (per_layer * shape.layers + outside) * bytes_per_value)
+
+
+def padding(attn_implementation: str, length: int) -> int | None:
+    """The padded length :func:`activations` takes: None for flash attention, which works unpadded."""
+    return None if attn_implementation == "flash_attention_2" else length
 
 
 def logits(shape: ModelShape, tokens: int, copies: int = 3, what: str = "logits") -> Need:
     """Float32 logits over the vocabulary: the logits, their log-softmax and its gradient (``copies``)."""
     return Need(what, tokens * shape.vocab * 4 * copies)
+
+
+def fused_lm_head(shape: ModelShape, tokens: int) -> Need:
+    """TRL's fused output layer and loss (SFT, DPO, KTO in TRL 1.16): float32 tiles of at most 4096 tokens ×
+    32768 vocabulary entries, about ten held at once in the backward pass (measured on a CPU)."""
+    return Need("output layer and loss (fused, in tiles)", 10 * min(tokens, 4096) * min(shape.vocab, 32768) * 4)
 
 
 def kv_cache(shape: ModelShape, sequences: int, length: int, bytes_per_value: int) -> Need:

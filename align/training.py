@@ -28,7 +28,7 @@ from align import memory
 from align.backend import is_main_process, join_process_group, trainer_arguments
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
-from align.kinds import CONVERSATIONS, FEEDBACK, PREFERENCES
+from align.kinds import CONVERSATIONS, PREFERENCES
 from align.memory import PRECISION_BYTES, Need
 from align.model_options import ModelOptions, check_attention, check_liger, loading_kwargs
 from align.models import Kind, load_model
@@ -588,6 +588,8 @@ class TRLStage(Stage):
     produces: ClassVar[str | None] = POLICY
     inputs: ClassVar[Mapping[str, Input]] = {"policy": Input("the model to train", artifact=POLICY, default=(BASE,))}
     learning_rates: ClassVar[LearningRates] = SFT_RATES
+    #: Whether TRL computes the loss through its fused output layer, in tiles, never holding whole logits.
+    fused_head: ClassVar[bool] = True
 
     # ---------------------------------------------------------------------------- what a subclass adds
     def trainer_settings(self, config: Any) -> dict[str, Any]:
@@ -650,15 +652,14 @@ class TRLStage(Stage):
         if trained < shape.parameters:
             needs.append(Need("adapter weights", trained * 4))
         needs += memory.adam_and_gradients("trained", trained, backend)
-        # A pair (or, for KTO, an example and its KL counterpart) is two sequences in one forward pass.
-        tokens = config.batch_size * config.max_length * (2 if self.data_kind in (PREFERENCES, FEEDBACK) else 1)
-        needs.append(memory.activations(shape, tokens, act, config.gradient_checkpointing))
+        # A pair is two sequences in one forward pass with gradients (KTO's KL counterparts run without).
+        tokens = config.batch_size * config.max_length * (2 if self.data_kind == PREFERENCES else 1)
+        padded = memory.padding(config.attn_implementation, config.max_length)
+        needs.append(memory.activations(shape, tokens, act, config.gradient_checkpointing, padded))
         if self.model_kind == "causal":
-            needs.append(memory.logits(shape, tokens))
-        if self.reference:
-            if trained == shape.parameters:  # an adapter's reference is the policy with the adapter off
-                needs.append(memory.weights("reference", shape.parameters, act, backend, trained=False))
-            needs.append(memory.logits(shape, tokens, copies=1, what="reference logits"))
+            needs.append(memory.fused_lm_head(shape, tokens) if self.fused_head else memory.logits(shape, tokens))
+        if self.reference and trained == shape.parameters:  # an adapter's reference: the adapter switched off
+            needs.append(memory.weights("reference", shape.parameters, act, backend, trained=False))
         return needs
 
     def facts(self) -> list[str]:

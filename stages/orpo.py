@@ -50,6 +50,7 @@ class ORPOStage(TRLStage):
 
     name = "orpo"
     learning_rates = RATES
+    fused_head = False  # TRL builds its whole logits
     Config = ORPOSettings
     trainer, trainer_config = "ORPOTrainer", "ORPOConfig"
     data_kind = PREFERENCES

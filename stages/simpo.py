@@ -54,6 +54,7 @@ class SimPOStage(TRLStage):
 
     name = "simpo"
     learning_rates = RATES
+    fused_head = False  # TRL builds its whole logits
     Config = SimPOSettings
     trainer, trainer_config = "CPOTrainer", "CPOConfig"
     data_kind = PREFERENCES

@@ -91,7 +91,7 @@ def test_plan_prints_each_stage_and_its_parts():
     assert "memory plan, per process, against --device-memory 24GB" in result.stdout
     for stage in ("sft", "rm", "ppo", "dpo", "eval"):
         assert f"  {stage} " in result.stdout
-    assert "reference logits" in result.stdout and "Adam states" in result.stdout
+    assert "reference weights" in result.stdout and "Adam states" in result.stdout
 
 
 def test_a_stage_that_cannot_fit_is_refused_before_anything_trains_unless_told(tmp_path):

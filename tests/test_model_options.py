@@ -37,12 +37,18 @@ GRPO = (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [SFT, GRPO], ids=["sft", "grpo"])
-def test_gradient_checkpointing_and_offloading_change_memory_not_what_is_learned(tmp_path, recipe):
+def test_gradient_checkpointing_and_offloading_change_memory_not_what_is_learned(tmp_path, recipe, monkeypatch):
+    import transformers.modeling_utils as modeling
+
     plain = run(tmp_path, recipe.format(extra=""), "plain")
     extra = ", gradient_checkpointing: true, attn_implementation: eager"
     if recipe is GRPO:
         extra += ", offload_frozen_models: true"
+    recomputed = []  # transformers checkpoints through torch's function, and only in training mode
+    original = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: recomputed.append(1) or original(*a, **k))
     saving = run(tmp_path, recipe.format(extra=extra), "saving")
+    assert recomputed, "gradient checkpointing never engaged"
     (stage,) = plain
     compared = [k for k in plain[stage]["metrics"] if "seconds" not in k and "per_second" not in k and k != "seconds"]
     assert compared

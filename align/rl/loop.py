@@ -242,8 +242,13 @@ class OnlineRLStage(Stage):
         responses = config.batch_size * config.num_generations
         length = config.max_prompt_length + config.max_new_tokens
         micro = config.micro_batch_size or config.mini_batch_size or responses
-        training = [memory.activations(shape, micro * length, act, config.gradient_checkpointing)]
-        training.append(memory.logits(shape, micro * length))
+        padded = memory.padding(config.attn_implementation, length)
+        training = [memory.activations(shape, micro * length, act, config.gradient_checkpointing, padded)]
+        if estimator.needs_critic:  # the critic trains on the same micro-batch, beside the policy
+            critic = memory.activations(shape, micro * length, act, config.gradient_checkpointing, padded)
+            training.append(replace(critic, what=f"critic {critic.what}"))
+        # The output layer sees the response columns only; the entropy pass holds about five copies.
+        training.append(memory.logits(shape, micro * (config.max_new_tokens + 1), copies=5))
         engine = engine_named(plugins, config.engine)
         options: Any = build(engine.Config, config.engine_options, f"stages.{spec.name}.engine_options")
         chunk = config.forward_batch_size or responses
@@ -395,6 +400,7 @@ class OnlineRL:
             for model in (self.policy, self.critic):
                 if model is not None:  # non-reentrant: frozen embeddings (adapters) need no special care
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    _train_without_dropout(model)
         self.frozen_models = [self.reference.model if self.reference else None, reward_model]
         for model in self.frozen_models:
             if model is not None and not config.offload_frozen_models:
@@ -728,6 +734,19 @@ class OnlineRL:
             self.tokenizer.save_pretrained(self.context.output_dir)
             self.checkpoints.remove()
         self.accelerator.wait_for_everyone()
+
+
+def _train_without_dropout(model: Any) -> None:
+    """Training mode, which transformers checkpoints only in, with dropout off as in the eval mode the loop
+    otherwise runs in: checkpointing must change memory, not what is learned."""
+    import torch
+
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.0
 
 
 def _frozen(model: Any) -> Any:
