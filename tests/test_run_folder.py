@@ -54,11 +54,11 @@ def align_run(recipe: Path, run_dir: Path, *extra: str, env: dict[str, str] | No
     return run_align("run", str(recipe), "--run-dir", str(run_dir), *PLUGINS, *extra, env=env)
 
 
-def start_run(recipe: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+def start_run(recipe: Path, run_dir: Path, *extra: str, wait_s: float = 60) -> subprocess.Popen:
     """Start `align run` with stage b sleeping; returns once b is asleep (it writes `sleeping` first)."""
     command = [sys.executable, "-m", "align.cli", "run", str(recipe), "--run-dir", str(run_dir), *PLUGINS, *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + wait_s
     while not (run_dir / "sleeping").exists():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the run never reached its sleeping stage"
@@ -186,11 +186,13 @@ def test_launched_processes_stop_when_their_launcher_is_killed_and_the_folder_st
 
     recipe = write_recipe(CHAIN.replace("stages:", "backend: {kind: ddp, num_processes: 2}\nstages:"))
     run_dir = tmp_path / "run"
-    launcher = start_run(recipe, run_dir, "stages.b.sleep=300")
-    launched = psutil.Process(launcher.pid).children(recursive=True)  # accelerate's, and the ranks
-    launcher.kill()
-    launcher.communicate(timeout=60)
-    ranks = [p for p in launched if "LOCAL_RANK" in p.environ()]
+    launcher = start_run(recipe, run_dir, "stages.b.sleep=300", wait_s=300)  # two processes start slowly
+    try:
+        launched = psutil.Process(launcher.pid).children(recursive=True)  # accelerate's, and the ranks
+        ranks = [p for p in launched if "LOCAL_RANK" in p.environ()]
+    finally:
+        launcher.kill()
+        launcher.communicate(timeout=60)
     assert len(ranks) == 2
     while True:  # whenever the lock can be taken, nothing launched may be left
         try:
