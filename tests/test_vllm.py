@@ -103,6 +103,6 @@ def test_the_head_dimensions_refused_at_recipe_check_are_those_vllm_has_no_cpu_k
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    from plugins.vllm_engine import CPU_HEAD_DIMS
+    from align.plugins.vllm_engine import CPU_HEAD_DIMS
 
     assert tuple(json.loads(result.stdout.strip().splitlines()[-1])) == CPU_HEAD_DIMS
