@@ -1,6 +1,6 @@
 """Data preparation speed: align's load + convert + render + mask against TRL's own preparation.
 
-    python bench/data_prep.py [--rows 50000] [--max-length 1024]
+    python bench/data_prep.py [--model tiny-llama] [--rows 50000] [--max-length 1024]
 
 Builds an alpaca file of ~50k rows from the real alpaca-format files in ../shared/external (repeated to
 the size asked; the demo data when that folder is absent), then, in one process and with cold caches:
@@ -9,9 +9,12 @@ the size asked; the demo data when that folder is absent), then, in one process 
   template, mark the assistant tokens, drop or cut what does not fit (`align.prepare.prepare`);
 * TRL: SFTTrainer's dataset preparation (tokenize with the chat template and `assistant_only_loss`,
   build labels, truncate) of the same rows, already converted to `messages` for it (TRL has no alpaca
-  reader), with the same tokenizer.
+  reader), with the same tokenizer. A chat template without `{% generation %}` marks (SmolLM2's) cannot
+  serve `assistant_only_loss`: TRL then gets prompt/completion pairs (`completion_only_loss`).
 
-Prints rows/s and tokens/s for each, and checks that both produced the same token ids.
+Both sides use the tokenizer and chat template of `--model` (default the tiny Llama's byte-level BPE;
+`smollm2` gives a real 49k-token vocabulary: see common.py). Prints rows/s and tokens/s for each, and checks
+that both produced the same token ids.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+from common import add_model_argument, has_generation_tags, model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 EXTERNAL = REPO.parent / "shared" / "external"
@@ -45,6 +50,7 @@ def build_file(rows: int, folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(parser)
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--max-length", type=int, default=1024)
     args = parser.parse_args()
@@ -57,42 +63,43 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from align.kinds import CONVERSATIONS
     from align.plugin_manager import get_plugin_manager
     from align.prepare import prepare
     from align.render import Renderer
-    from align.schema import build
 
     datasets.disable_progress_bars()
     pm = get_plugin_manager()
-    source = pm.get("model source", "tiny-llama")
-    model_dir = source.materialize(build(source.Config, {}, "model"), Path(os.environ["ALIGN_HOME"]) / "models")
+    model_dir = model_folder(args.model)
     path = build_file(args.rows, work)
     megabytes = path.stat().st_size / 1e6
-    print(f"{args.rows} alpaca rows ({megabytes:.1f} MB), tokenizer of tiny-llama, max_length {args.max_length}")
+    print(f"{args.rows} alpaca rows ({megabytes:.1f} MB), tokenizer of {args.model}, max_length {args.max_length}")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()
-    prepared = prepare(str(path), Renderer(tokenizer, args.max_length), pm, kind="sft")
+    prepared = prepare(str(path), Renderer(tokenizer, args.max_length), pm, kind=CONVERSATIONS)
     align_seconds = time.perf_counter() - started
     align_ids = prepared.train["input_ids"]
 
-    # TRL gets the same rows as conversations; the conversion is not timed.
+    # TRL gets the same rows as conversations; the conversion is not timed. A chat template without
+    # {% generation %} marks (SmolLM2's) cannot serve assistant_only_loss: TRL then gets prompt/completion
+    # pairs and masks the prompt through completion_only_loss.
+    marked = has_generation_tags(tokenizer)
     rows = json.loads(path.read_text())
-    messages = [
-        {
-            "messages": [
-                {"role": "user", "content": f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]},
-                {"role": "assistant", "content": r["output"]},
-            ]
-        }
-        for r in rows
-    ]
+
+    def conversation(r: dict) -> dict:
+        user = {"role": "user", "content": f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]}
+        reply = {"role": "assistant", "content": r["output"]}
+        return {"messages": [user, reply]} if marked else {"prompt": [user], "completion": [reply]}
+
+    messages = [conversation(r) for r in rows]
     messages_file = work / "messages.jsonl"
     messages_file.write_text("\n".join(json.dumps(m) for m in messages))
     config = SFTConfig(
         output_dir=str(work / "trl"),
         max_length=args.max_length,
-        assistant_only_loss=True,
+        assistant_only_loss=marked,
+        completion_only_loss=None if marked else True,
         use_cpu=True,
         bf16=False,
         report_to=[],

@@ -1,10 +1,13 @@
 """One GRPO step of align against TRL 1.16's GRPOTrainer: the same model, prompts, group and update.
 
-    OMP_NUM_THREADS=1 python bench/grpo_step.py [--steps 6] [--repeat 1] [--threads 1]
+    OMP_NUM_THREADS=1 python bench/grpo_step.py [--steps 6] [--repeat 1] [--threads 1] [--model tiny-llama]
+        [--prompts 8] [--generations 8] [--max-new-tokens 24] [--gradient-checkpointing] [--micro-batch-size N]
 
-Both sides train the tiny Llama (align's `tiny-llama` model source, built once here; the same folder is
-given to both) on `demo_prompts` rendered with its chat template, with the rule-based `sentiment` reward
-of align (wrapped as a TRL reward function on TRL's side). Settings, the same on both sides:
+Both sides train the model of `--model` (default the tiny Llama, align's `tiny-llama` model source;
+`smollm2` or a folder: see common.py; built or converted once here, the same folder is given to both) on
+`demo_prompts` rendered with its chat template, with the rule-based `sentiment` reward of align (wrapped as
+a TRL reward function on TRL's side). Settings, the same on both sides (the sizes are the defaults of
+`--prompts`, `--generations` and `--max-new-tokens`):
 
 * 8 prompts × num_generations 8 = 64 completions per step, up to 24 new tokens, temperature 1, top-k 0,
   top-p 1, plain transformers `generate` (TRL: use_vllm False);
@@ -14,7 +17,13 @@ of align (wrapped as a TRL reward function on TRL's side). Settings, the same on
   num_iterations 1);
 * beta 0 (no reference model), group-scaled advantages, token-level (DAPO) loss, clip 0.2,
   learning rate 1e-6 with linear decay, AdamW eps 1e-5, weight decay 0.01, gradient clipping 1.0,
-  CPU, fp32, one process, seed 42, `--threads` torch threads.
+  CPU, fp32, one process, seed 42, `--threads` torch threads;
+* `--gradient-checkpointing`: on for both (align's `gradient_checkpointing: true`; TRL's
+  `gradient_checkpointing=True`, both non-reentrant);
+* `--micro-batch-size N`: N completions per forward and backward pass, gradients accumulated over the 64
+  for the one optimizer step (align: `micro_batch_size` and `forward_batch_size` N; TRL:
+  per_device_train_batch_size N × gradient_accumulation_steps 64/N, so steps_per_generation 64/N and
+  generation_batch_size still 64).
 
 Each side runs in a fresh process (neither warms the other). align runs through
 `align.runner.run_recipe`; its per-step figures are those of its metrics file
@@ -28,7 +37,8 @@ on_step_begin to on_step_end): unlike wall time it leaves out the time the proce
 on a shared machine. The first step of each side is left out (warm-up). The prompts drawn differ (each
 side's own shuffling), so completion lengths are printed to show both generate 64 completions of up to
 24 tokens per step. The ratios are printed for the medians over `--repeat` runs and for the fastest
-run of each side (interference only adds time).
+run of each side (interference only adds time). Each child's peak resident set (ru_maxrss: loading,
+generation and training together) is printed with its run.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,10 +55,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import add_model_argument, model_folder, recipe_model
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "datasets" / "demo_prompts.jsonl"
 PARTS = ("generate", "score", "train", "step", "wall", "cpu")
-SETTINGS = {"prompts": 8, "generations": 8, "max_new_tokens": 24, "learning_rate": 1e-6, "seed": 42}
+# The sizes are replaced by the command line's (the defaults are these).
+SETTINGS = {
+    "model": "tiny-llama",
+    "prompts": 8,
+    "generations": 8,
+    "max_new_tokens": 24,
+    "learning_rate": 1e-6,
+    "seed": 42,
+    "gradient_checkpointing": False,
+    "micro_batch_size": None,
+}
 
 
 def align_side(steps: int, work: Path) -> dict:
@@ -56,13 +79,17 @@ def align_side(steps: int, work: Path) -> dict:
     from align.runner import run_recipe
 
     recipe = work / "grpo.yaml"
+    micro = "null" if SETTINGS["micro_batch_size"] is None else SETTINGS["micro_batch_size"]
     recipe.write_text(
-        "model: tiny-llama\nstages:\n  grpo:\n    data: demo_prompts\n    reward_functions: [sentiment]\n"
+        f"model: {recipe_model(SETTINGS['model'])}\nstages:\n  grpo:\n    data: demo_prompts\n"
+        "    reward_functions: [sentiment]\n"
         f"    steps: {steps}\n    batch_size: {SETTINGS['prompts']}\n    num_generations: {SETTINGS['generations']}\n"
-        "    mini_batch_size: null\n    micro_batch_size: null\n    forward_batch_size: null\n    ppo_epochs: 1\n"
+        f"    mini_batch_size: null\n    micro_batch_size: {micro}\n    forward_batch_size: {micro}\n"
+        "    ppo_epochs: 1\n"
         f"    max_new_tokens: {SETTINGS['max_new_tokens']}\n    temperature: 1.0\n    beta: 0.0\n    kl_coef: 0.0\n"
         f"    learning_rate: {SETTINGS['learning_rate']}\n    logging_steps: 1\n    save_steps: 0\n"
         f"    seed: {SETTINGS['seed']}\n"
+        f"    gradient_checkpointing: {str(SETTINGS['gradient_checkpointing']).lower()}\n"
     )
     # CPU seconds of each step (the process's, comparable with TRL's on a shared machine): from the start of
     # the rollout to the end of the update, by wrapping the loop's methods from the outside.
@@ -146,11 +173,14 @@ def trl_side(steps: int, work: Path, model_dir: str) -> dict:
     dataset = Dataset.from_dict({"prompt": rows})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     responses = SETTINGS["prompts"] * SETTINGS["generations"]
+    micro = SETTINGS["micro_batch_size"] or responses
     config = GRPOConfig(
         output_dir=str(work / "trl"),
         max_steps=steps,
-        per_device_train_batch_size=responses,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=responses // micro,  # steps_per_generation follows: 64 per generation
+        gradient_checkpointing=SETTINGS["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if SETTINGS["gradient_checkpointing"] else None,
         num_generations=SETTINGS["generations"],
         num_iterations=1,
         max_completion_length=SETTINGS["max_new_tokens"],
@@ -228,6 +258,7 @@ def child(side: str, steps: int, model_dir: str, threads: int) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"bench-grpo-{side}-"))
     result = align_side(steps, work) if side == "align" else trl_side(steps, work, model_dir)
     result["threads"] = torch.get_num_threads()
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
@@ -255,21 +286,44 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) of both sides")
+    add_model_argument(parser)
+    parser.add_argument("--prompts", type=int, default=SETTINGS["prompts"], help="per step (default: %(default)s)")
+    parser.add_argument("--generations", type=int, default=SETTINGS["generations"], help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=SETTINGS["max_new_tokens"], help="(default: %(default)s)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    parser.add_argument("--micro-batch-size", type=int, help="completions per forward/backward pass, both sides")
     parser.add_argument("--child", choices=["align", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SETTINGS.update(
+        model=args.model,
+        prompts=args.prompts,
+        generations=args.generations,
+        max_new_tokens=args.max_new_tokens,
+        gradient_checkpointing=args.gradient_checkpointing,
+        micro_batch_size=args.micro_batch_size,
+    )
+    if args.micro_batch_size and (args.prompts * args.generations) % args.micro_batch_size:
+        parser.error("--micro-batch-size must divide the completions per step (--prompts × --generations)")
     if args.child:
         child(args.child, args.steps, args.model_dir, args.threads)
         return
 
     os.environ.setdefault("ALIGN_HOME", tempfile.mkdtemp(prefix="bench-align-home-"))
-    from align.plugin_manager import get_plugin_manager
-    from align.runner import align_home
-    from align.schema import build
-
-    source = get_plugin_manager().get("model source", "tiny-llama")
-    model_dir = source.materialize(build(source.Config, {}, "model"), align_home() / "models")
+    model_dir = model_folder(args.model)
     prompt_tokens = check_prompts(model_dir)
+    options = [
+        "--model",
+        args.model,
+        "--prompts",
+        str(args.prompts),
+        "--generations",
+        str(args.generations),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+        *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else []),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     runs: dict[str, list[dict]] = {"align": [], "trl": []}
     load_before = os.getloadavg()
@@ -287,6 +341,7 @@ def main() -> None:
                     model_dir,
                     "--threads",
                     str(args.threads),
+                    *options,
                 ],
                 capture_output=True,
                 text=True,
@@ -300,16 +355,18 @@ def main() -> None:
     responses = SETTINGS["prompts"] * SETTINGS["generations"]
     threads = {r["threads"] for side_runs in runs.values() for r in side_runs}
     assert threads == {args.threads}, f"torch threads in the children: {threads}"
+    micro = f"micro-batches of {args.micro_batch_size}" if args.micro_batch_size else "the whole batch at once"
     print(
-        f"GRPO, tiny-llama, {args.steps} steps of {SETTINGS['prompts']} prompts × {SETTINGS['generations']} = "
+        f"GRPO, {args.model}, {args.steps} steps of {SETTINGS['prompts']} prompts × {SETTINGS['generations']} = "
         f"{responses} completions (≤ {SETTINGS['max_new_tokens']} new tokens), one update of all {responses} per "
-        f"step, CPU, fp32, {args.threads} thread(s); prompt renderings equal (first prompt: {prompt_tokens} tokens); "
+        f"step ({micro}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}), CPU, fp32, "
+        f"{args.threads} thread(s); prompt renderings equal (first prompt: {prompt_tokens} tokens); "
         f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print("mean seconds per step, steps 2.. of each run (step 1 is warm-up)")
     header = (
         f"  {'side':6s} {'generate':>9s} {'score':>8s} {'train':>8s} {'step':>8s} {'wall':>8s} {'cpu':>8s}   "
-        "mean length, completions/step"
+        "mean length, completions/step, peak RSS"
     )
     print(header)
     medians: dict[str, dict[str, float]] = {}
@@ -323,7 +380,7 @@ def main() -> None:
             print(
                 f"  {side:6s} {m['generate']:9.3f} {m['score']:8.3f} {m['train']:8.3f} {m['step']:8.3f} "
                 f"{m['wall']:8.3f} {m['cpu']:8.3f}   {statistics.fmean(r['length']):5.1f}, "
-                f"{sorted(set(r['completions']))} "
+                f"{sorted(set(r['completions']))}, {r['peak_mb']:.0f} MB "
                 f"(run {index + 1}; steps: " + ", ".join(f"{s:.3f}" for s in r["step"]) + ")"
             )
         medians[side] = {k: statistics.median(m[k] for m in per_run) for k in PARTS}

@@ -1,6 +1,7 @@
 """Peak memory of a GRPO iteration at 16 and 64 responses, micro-batched against whole-batch.
 
     OMP_NUM_THREADS=1 python bench/rl_memory.py [--steps 2] [--micro 4] [--engine-batch 16]
+        [--model MODEL] [--prompts 2,8] [--generations 8] [--max-new-tokens 128] [--gradient-checkpointing]
 
 Four configurations, each in a fresh process running align's `grpo` stage through
 `align.runner.run_recipe`: (16 responses = 2 prompts × 8, 64 responses = 8 prompts × 8) ×
@@ -12,6 +13,12 @@ prompts of about 64 tokens (`demo_prompts` with a fixed system message), and a t
 1024: 4.5M parameters, 18 MB of weights, 54 MB with Adam's state). The rollout engine is `hf` with its
 default batch_size (64: generation is not bounded by these settings); `--engine-batch N` adds the
 micro-batched configurations again with the engine's batch_size set to N (`engine_options`).
+
+`--model` replaces that model (`smollm2`, `tiny-llama` or a folder, as a recipe's `model:`: see
+common.py); `--prompts SMALL,LARGE`, `--generations` and `--max-new-tokens` replace the sizes (a real
+model's 49k-token vocabulary makes the whole-batch logits large: SmolLM2 at 64 × 128 new tokens would need
+several GB). `--gradient-checkpointing` adds the micro-batched and whole-batch configurations again with
+`gradient_checkpointing: true`.
 
 What is measured, per phase of each iteration (generation, scoring = the no-grad log-prob forward and the
 reward, training = forward, backward and optimizer step), is the growth of memory over what was in use
@@ -45,6 +52,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from common import model_folder, recipe_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"source": "tiny-llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
@@ -139,7 +149,7 @@ def install_hooks(meter: Meter, resident: dict[str, float]) -> None:
     )
 
 
-def child(prompts: int, micro: int | None, engine_batch: int | None, steps: int, work: Path, data: Path) -> dict:
+def child(config: dict, steps: int, work: Path, data: Path) -> dict:
     import torch
 
     from align.plugin_manager import get_plugin_manager
@@ -149,15 +159,17 @@ def child(prompts: int, micro: int | None, engine_batch: int | None, steps: int,
     meter = Meter()
     resident: dict[str, float] = {}
     install_hooks(meter, resident)
+    micro, engine_batch = config["micro"], config["engine_batch"]
     chunk = "null" if micro is None else str(micro)
-    model = "{" + ", ".join(f"{k}: {v}" for k, v in MODEL.items()) + "}"
     recipe = work / "grpo.yaml"
     recipe.write_text(
-        f"model: {model}\nstages:\n  grpo:\n    data: {data}\n    reward_functions: [sentiment]\n"
-        f"    steps: {steps}\n    batch_size: {prompts}\n    num_generations: {GENERATIONS}\n"
+        f"model: {recipe_model(config['model'])}\nstages:\n  grpo:\n    data: {data}\n"
+        "    reward_functions: [sentiment]\n"
+        f"    steps: {steps}\n    batch_size: {config['prompts']}\n    num_generations: {config['generations']}\n"
         f"    mini_batch_size: null\n    micro_batch_size: {chunk}\n    forward_batch_size: {chunk}\n"
-        f"    ppo_epochs: 1\n    max_new_tokens: {MAX_NEW_TOKENS}\n    max_prompt_length: 128\n"
+        f"    ppo_epochs: 1\n    max_new_tokens: {config['max_new_tokens']}\n    max_prompt_length: 128\n"
         "    temperature: 1.0\n    beta: 0.0\n    logging_steps: 1\n    save_steps: 0\n"
+        f"    gradient_checkpointing: {str(config['checkpointing']).lower()}\n"
         + (f"    engine_options: {{batch_size: {engine_batch}}}\n" if engine_batch else "")
     )
     pm = get_plugin_manager()
@@ -176,20 +188,16 @@ def child(prompts: int, micro: int | None, engine_batch: int | None, steps: int,
         "threads": torch.get_num_threads(),
         "response_length": statistics.fmean(r["response_length"] for r in per_step),
         "train_seconds": statistics.fmean(r["train_seconds"] for r in per_step),
+        "step_seconds": statistics.fmean(r["step_seconds"] for r in per_step),
         "seconds": seconds,
     }
 
 
-def write_prompts(folder: Path) -> tuple[Path, float]:
+def write_prompts(folder: Path, model: Any) -> tuple[Path, float]:
     """demo_prompts with a system message: prompts of about 64 tokens (their mean length is returned)."""
-    from align.plugin_manager import get_plugin_manager
-    from align.runner import align_home
-    from align.schema import build
-
-    source = get_plugin_manager().get("model source", "tiny-llama")
-    options = {k: v for k, v in MODEL.items() if k != "source"}
-    model_dir = source.materialize(build(source.Config, options, "model"), align_home() / "models")
     from transformers import AutoTokenizer
+
+    model_dir = model_folder(model)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     path = folder / "long_prompts.jsonl"
@@ -223,21 +231,31 @@ def main() -> None:
         help="also run the micro-batched configurations with the hf engine's batch_size set to this",
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # prompts, micro ("none"), engine batch
+    parser.add_argument(
+        "--model",
+        help="a model source (smollm2, tiny-llama), a local folder or a hub id, as a recipe's `model:` (default: "
+        "tiny-llama with 4 layers × width 256, MLP 1024, vocabulary 1024)",
+    )
+    parser.add_argument("--prompts", default="2,8", help="prompts per step, small and large (default: %(default)s)")
+    parser.add_argument("--generations", type=int, default=GENERATIONS, help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="(default: %(default)s)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="add the configurations again with it on")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the configuration, as JSON
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
-        prompts, micro, engine = (int(a) if a != "none" else None for a in args.child)
         work = Path(tempfile.mkdtemp(prefix="bench-rl-memory-"))
-        print("RESULT " + json.dumps(child(prompts, micro, engine, args.steps, work, Path(args.data))))
+        print("RESULT " + json.dumps(child(json.loads(args.child), args.steps, work, Path(args.data))))
         return
 
+    model = args.model or MODEL
+    small, large = (int(n) for n in args.prompts.split(","))
     os.environ.setdefault("ALIGN_HOME", tempfile.mkdtemp(prefix="bench-align-home-"))
     work = Path(tempfile.mkdtemp(prefix="bench-rl-memory-"))
-    data, prompt_tokens = write_prompts(work)  # also builds the model once, for every child
+    data, prompt_tokens = write_prompts(work, model)  # also builds the model once, for every child
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -246,19 +264,30 @@ def main() -> None:
     }
     load_before = os.getloadavg()
     results: dict[tuple[int, str], dict] = {}
-    configurations = {str(args.micro): (str(args.micro), "none"), "none": ("none", "none")}
+    # label → (micro_batch_size, the hf engine's batch_size, gradient checkpointing)
+    configurations = {str(args.micro): (args.micro, None, False), "none": (None, None, False)}
     if args.engine_batch:
-        configurations[f"{args.micro}, gen {args.engine_batch}"] = (str(args.micro), str(args.engine_batch))
-    for label, (micro, engine) in configurations.items():
-        for prompts in (2, 8):
+        configurations[f"{args.micro}, gen {args.engine_batch}"] = (args.micro, args.engine_batch, False)
+    if args.gradient_checkpointing:
+        configurations[f"{args.micro}, ckpt"] = (args.micro, None, True)
+        configurations["none, ckpt"] = (None, None, True)
+    for label, (micro, engine, checkpointing) in configurations.items():
+        for prompts in (small, large):
+            config = {
+                "model": model,
+                "prompts": prompts,
+                "generations": args.generations,
+                "max_new_tokens": args.max_new_tokens,
+                "micro": micro,
+                "engine_batch": engine,
+                "checkpointing": checkpointing,
+            }
             done = subprocess.run(
                 [
                     sys.executable,
                     __file__,
                     "--child",
-                    str(prompts),
-                    micro,
-                    engine,
+                    json.dumps(config),
                     "--steps",
                     str(args.steps),
                     "--threads",
@@ -272,21 +301,27 @@ def main() -> None:
                 env=env,
             )
             if done.returncode != 0:
-                sys.exit(f"batch {prompts * GENERATIONS}, {label} failed:\n{done.stderr[-3000:]}")
-            results[(prompts * GENERATIONS, label)] = json.loads(done.stdout.rpartition("RESULT ")[2].splitlines()[0])
+                sys.exit(f"batch {prompts * args.generations}, {label} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.rpartition("RESULT ")[2].splitlines()[0])
+            results[(prompts * args.generations, label)] = result
 
     first = next(iter(results.values()))
     unit = "MB allocated (CUDA)" if first["cuda"] else "MB of peak RSS growth (CPU)"
+    described = (
+        f"tiny-llama {MODEL['num_layers']} layers × width {MODEL['hidden_size']} (MLP {MODEL['intermediate_size']})"
+        if args.model is None
+        else args.model
+    )
     print(
-        f"GRPO, tiny-llama {MODEL['num_layers']} layers × width {MODEL['hidden_size']} (MLP "
-        f"{MODEL['intermediate_size']}), prompts {prompt_tokens:.0f} tokens on average + {MAX_NEW_TOKENS} new, "
+        f"GRPO, {described}, prompts {prompt_tokens:.0f} tokens on average + {args.max_new_tokens} new, "
         f"one update of all responses per step, {args.steps} steps per configuration, {first['threads']} "
         f"thread(s); load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print(f"peak memory per phase, {unit}, the largest over the steps")
     print(
         f"  {'responses':>9s} {'micro/forward':>13s} {'generate':>9s} {'score':>8s} {'train':>8s}   "
-        f"{'iteration':>9s}   (in use before step 1; train growth per step; mean response length; train seconds)"
+        f"{'iteration':>9s}   (in use before step 1; train growth per step; mean response length; train seconds; "
+        "step seconds)"
     )
     for (batch, label), r in results.items():
         p = r["peaks"]
@@ -294,15 +329,15 @@ def main() -> None:
             f"  {batch:9d} {label:>13s} {p['generate']:9.0f} {p['score']:8.0f} {p['train']:8.0f}   "
             f"{iteration_peak(r):9.0f}       ({r['before_first_step']:.0f} MB; "
             + "/".join(f"{v:.0f}" for v in r["all"]["train"])
-            + f" MB; {r['response_length']:.1f}; {r['train_seconds']:.1f} s)"
+            + f" MB; {r['response_length']:.1f}; {r['train_seconds']:.1f} s; {r['step_seconds']:.1f} s)"
         )
-    print("  ratio 64 / 16 responses:")
+    print(f"  ratio {large * args.generations} / {small * args.generations} responses:")
     for label in configurations:
-        small, big = results[(16, label)], results[(64, label)]
+        few, big = results[(small * args.generations, label)], results[(large * args.generations, label)]
         print(
             f"  {'':9s} {label:>13s} "
-            + " ".join(f"{big['peaks'][p] / small['peaks'][p]:8.2f}x" for p in ("generate", "score", "train"))
-            + f"   {iteration_peak(big) / iteration_peak(small):8.2f}x"
+            + " ".join(f"{big['peaks'][p] / few['peaks'][p]:8.2f}x" for p in ("generate", "score", "train"))
+            + f"   {iteration_peak(big) / iteration_peak(few):8.2f}x"
         )
 
 
