@@ -506,7 +506,21 @@ def run_stage(recipe: Path, stage: str, work: Path, probe_dir: Path, env: dict[s
         lengths = [r["response_length"] for r in records if r.get("response_length") is not None]
         if lengths:
             result["response_length"] = statistics.fmean(lengths)
+        result["step_seconds"] = step_seconds(records)
     return result
+
+
+def step_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Seconds per optimizer step after the first (warm-up): online RL's ``step_seconds``, or for a TRL
+    trainer the time between its first and last logged losses (``logging_steps: 1``) over the steps between."""
+    rl = [r["step_seconds"] for r in records if r.get("step_seconds") is not None]
+    if rl:
+        return statistics.fmean(rl[1:] or rl)
+    logged = sorted({r["step"]: r["time"] for r in records if "loss" in r and "time" in r}.items())
+    if len(logged) < 2:
+        return None
+    (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
+    return (last_time - first_time) / (last_step - first_step)
 
 
 # ======================================================================= the report
@@ -519,7 +533,8 @@ def mib(count: float | None) -> str:
 def report(results: list[dict[str, Any]]) -> None:
     header = (
         f"{'model':<10} {'stage':<5} {'variant':<13} {'weights':>8} {'grad+Adam':>9} {'activ.':>7} {'logits':>7} "
-        f"{'KV':>5} {'estimate':>9} {'measured':>9} {'ratio':>6}  {'at start':>8} {'peak in':<9} {'resp.':>6} {'s':>5}"
+        f"{'KV':>5} {'estimate':>9} {'measured':>9} {'ratio':>6}  {'at start':>8} {'peak in':<9} {'resp.':>6} {'s':>5} "
+        f"{'s/step':>7}"
     )
     print("\nMiB; estimate = the plan's on_device total; measured = peak - baseline; ratio = estimate / measured")
     print(header)
@@ -541,6 +556,7 @@ def report(results: list[dict[str, Any]]) -> None:
             line
             + f"{mib(measured['peak']):>9} {ratio:>6.2f}{verdict:<2}{mib(measured['loaded']):>8} "
             + f"{measured['peak_phase']:<9} {'-' if length is None else f'{length:.0f}':>6} {measured['seconds']:>5.0f}"
+            + ("       -" if measured.get("step_seconds") is None else f" {measured['step_seconds']:>7.2f}")
         )
     print("* outside ±25 %.  at start: held when training began, over the baseline")
     print("\nphases (MiB over the baseline: at the start → peak), and at the peak (sampled) anonymous / file pages:")
@@ -652,7 +668,8 @@ def run_model(model: str, args: Any, work: Path, probe_dir: Path, env: dict[str,
             print(
                 f"  {stage} {variant}: estimate {mib(plan['total'])} MiB, measured "
                 + (f"{mib(peak)} MiB ({plan['total'] / peak:.2f})" if peak else "FAILED")
-                + f", {measured['seconds']:.0f} s",
+                + f", {measured['seconds']:.0f} s"
+                + (f", {measured['step_seconds']:.2f} s/step" if measured.get("step_seconds") else ""),
                 flush=True,
             )
             if not args.keep:
