@@ -1,20 +1,27 @@
 """The shared backend: how every stage of a recipe runs, on one process or many.
 
 ``backend:`` in a recipe picks single-process, DDP, DeepSpeed ZeRO or FSDP, the precision and the number
-of processes and machines. With more than one process, ``align run`` starts itself again under
-``accelerate launch``; the same recipe runs either way. What the hardware cannot do is refused when the
-recipe is checked, never replaced by something else (accelerate, left alone, turns FSDP on a CPU into
-DDP or into unsynchronised copies of one training).
+of processes and machines; it may also name the user's own DeepSpeed and accelerate configs
+(:mod:`align.backend_files`). With more than one process, ``align run`` starts itself again under
+``accelerate launch``, unless torchrun, accelerate, srun or mpirun started it (:mod:`align.launchers`);
+the same recipe runs either way. What the hardware cannot do is refused when the recipe is checked, never
+replaced by something else (accelerate, left alone, turns FSDP on a CPU into DDP or into unsynchronised
+copies of one training).
+
+Which process writes the run folder: rank 0. Machines that do not share a run folder each keep a whole one
+of their own, written by the machine's first process (:func:`set_own_run_folders`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +32,13 @@ from align.schema import setting
 __all__ = [
     "BACKEND_OPTIONS",
     "Backend",
+    "agree",
+    "any_process",
+    "has_cuda",
     "is_main_process",
+    "is_rank_zero",
     "join_process_group",
+    "share",
     "trainer_arguments",
     "wait_for_everyone",
 ]
@@ -65,14 +77,28 @@ class Backend:
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", help="Training precision. bf16 halves memory on hardware that supports it; fp16 needs a GPU."
     )
+    deepspeed: str | None = setting(
+        None,
+        help="Your DeepSpeed config (a JSON file): it implies kind: deepspeed, fills the backend settings the "
+        'recipe leaves out, and must agree with those it sets; its "auto" values are filled from each stage.',
+    )
+    accelerate_config: str | None = setting(
+        None,
+        help="Your accelerate config (the YAML file of `accelerate config`): distributed_type, num_processes "
+        "(of all machines), num_machines, mixed_precision, deepspeed_config, fsdp_config, … fill the backend "
+        "settings the recipe leaves out, and must agree with those it sets.",
+    )
 
     def __post_init__(self) -> None:
         if self.num_processes < 1 or self.num_machines < 1:
             raise AlignError("backend: num_processes and num_machines must be at least 1")
         if not 0 <= self.machine_rank < self.num_machines:
             raise AlignError(f"backend: machine_rank {self.machine_rank} must lie in 0..{self.num_machines - 1}")
-        if self.num_machines > 1 and not self.main_address:
-            raise AlignError("backend: several machines need `main_address`, the address of machine 0")
+        if self.num_machines > 1 and not self.main_address and not _launcher_tells_address():
+            raise AlignError(
+                "backend: several machines need `main_address`, the address of machine 0",
+                hint="set it, or start `align run` under srun or torchrun, which tell it",
+            )
         if self.offload_params and (self.kind != "deepspeed" or self.zero_stage != 3):
             raise AlignError("backend: offload_params needs kind: deepspeed with zero_stage: 3")
         if self.offload_optimizer and self.kind != "deepspeed":
@@ -90,6 +116,25 @@ class Backend:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def identity(self) -> dict[str, Any]:
+        """What of the backend changes what a stage produces, for its fingerprint: every setting but where
+        the processes meet (machine_rank, main_address, main_port), which differ from machine to machine of
+        one run; of the user's config files, their content counts, not their names."""
+        from align.backend_files import file_identity
+
+        plain = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("machine_rank", "main_address", "main_port", "deepspeed", "accelerate_config")
+        }
+        return {**plain, **file_identity(self)}
+
+
+def _launcher_tells_address() -> bool:
+    """Whether the launcher that started this process tells machine 0's address (see align.launchers)."""
+    slurm_nodes = any(k in os.environ for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    return "MASTER_ADDR" in os.environ or ("SLURM_STEP_ID" in os.environ and slurm_nodes)
 
 
 def check_hardware(backend: Backend) -> None:
@@ -111,7 +156,8 @@ def check_hardware(backend: Backend) -> None:
 
 
 def must_launch(backend: Backend) -> bool:
-    """Whether ``align run`` has to start itself again under accelerate."""
+    """Whether ``align run`` has to start itself again under accelerate (not when it was launched already:
+    by itself, or by an outside launcher that :func:`align.launchers.outside_launcher` found)."""
     return backend.distributed and os.environ.get(LAUNCHED_ENV) != "1"
 
 
@@ -146,13 +192,15 @@ def launch(backend: Backend, argv: Sequence[str], lock: int | None = None) -> in
     if backend.kind == "deepspeed":
         command += ["--use_deepspeed", "--zero_stage", str(backend.zero_stage)]
     elif backend.kind == "fsdp":
-        command += ["--use_fsdp"]
+        from align.backend_files import fsdp_launch_options
+
+        command += ["--use_fsdp", *fsdp_launch_options(backend)]
     else:
         # On a CPU too: accelerate's --cpu runs a single process; --multi_gpu runs DDP over gloo there.
         command += ["--multi_gpu"]
     env = {**os.environ, LAUNCHED_ENV: "1", LAUNCHER_ENV: str(os.getpid())}
     if backend.kind == "deepspeed":
-        env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+        tell_deepspeed_the_device(env)
     return subprocess.call([*command, "-m", "align.cli", *argv], env=env, pass_fds=() if lock is None else (lock,))
 
 
@@ -196,10 +244,17 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (imports torch: call it only where a run needs the answer)."""
     import torch
 
     return torch.cuda.is_available()
+
+
+def tell_deepspeed_the_device(env: MutableMapping[str, str]) -> None:
+    """Set ``DS_ACCELERATOR`` for DeepSpeed's processes, unless the user did: DeepSpeed on a machine without
+    a GPU guesses, and warns, unless told that it runs on the CPU."""
+    env.setdefault("DS_ACCELERATOR", "cuda" if has_cuda() else "cpu")
 
 
 #: The trainer options :func:`trainer_arguments` sets from ``backend:``, with what a recipe sets instead. A
@@ -209,10 +264,12 @@ BACKEND_OPTIONS = {
     "fp16": "set the precision for every stage with `backend: {precision: fp16}` (GPU only)",
     "use_cpu": "align uses the GPUs when there are any, else the CPU",
     "ddp_backend": "align picks the process group for `backend: {kind: ...}` (gloo on a CPU)",
-    "deepspeed": "use `backend: {kind: deepspeed, zero_stage: N}` (with offload_optimizer, offload_params)",
+    "deepspeed": "use `backend: {kind: deepspeed, zero_stage: N}` (with offload_optimizer, offload_params), or "
+    "name your own config file, for every stage, with `backend: {deepspeed: ds_config.json}`",
     "fsdp": "use `backend: {kind: fsdp}`",
-    "fsdp_config": "use `backend: {kind: fsdp}`",
+    "fsdp_config": "use `backend: {kind: fsdp}`, or `backend: {accelerate_config: FILE}` with your fsdp_config",
     "local_rank": "`align run` starts the processes of `backend: {num_processes: N}` and numbers them itself",
+    "save_on_each_node": "align saves on each machine when the machines do not share a run folder",
 }
 
 
@@ -230,25 +287,16 @@ def trainer_arguments(backend: Backend) -> dict[str, Any]:
     if backend.distributed and not cuda:
         arguments["ddp_backend"] = "gloo"
     if backend.kind == "deepspeed":
-        zero: dict[str, Any] = {"stage": backend.zero_stage}
-        if backend.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-        if backend.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-        if backend.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True  # save a whole checkpoint, not shards
-        arguments["deepspeed"] = {
-            "zero_optimization": zero,
-            "train_batch_size": "auto",
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "bf16": {"enabled": "auto"},
-            "fp16": {"enabled": "auto"},
-        }
+        from align.backend_files import deepspeed_config
+
+        # transformers fills its "auto" values from these arguments, as for any DeepSpeed config.
+        arguments["deepspeed"] = deepspeed_config(backend)
     if backend.kind == "fsdp":
-        arguments["fsdp"] = "full_shard auto_wrap"
-        arguments["fsdp_config"] = {"use_orig_params": True}
+        from align.backend_files import fsdp_arguments
+
+        arguments.update(fsdp_arguments(backend))
+    if own_run_folders():
+        arguments["save_on_each_node"] = True  # each machine's checkpoints, for it to resume from
     return arguments
 
 
@@ -260,12 +308,51 @@ def join_process_group(backend: Backend) -> None:
     import deepspeed
 
     # Also when torch's process group exists already: DeepSpeed keeps its own view of the world.
-    deepspeed.init_distributed(dist_backend="nccl" if _has_cuda() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if has_cuda() else "gloo")
 
 
 def is_main_process() -> bool:
-    """Whether this is rank 0 (always true in a single process): the one that writes run files."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Whether this process writes the run folder's files: rank 0 (always true in a single process); when
+    the machines of a run each have a run folder of their own, also each machine's first process."""
+    if _own_run_folders:
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return _rank() == 0
+
+
+_own_run_folders = False
+
+
+def set_own_run_folders(own: bool) -> None:
+    """Say whether this run's machines each write a run folder of their own (they do not share one)."""
+    global _own_run_folders
+    _own_run_folders = own
+
+
+def own_run_folders() -> bool:
+    """Whether this run's machines each write a run folder of their own: then each keeps whole checkpoints
+    and outputs, so that any of them can resume and feed later stages."""
+    return _own_run_folders
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_rank_zero() -> bool:
+    """Whether this is the run's first process of all (global rank 0): the one that speaks for the whole
+    run to the outside (trackers), where :func:`is_main_process` may be true on every machine."""
+    return _rank() == 0
+
+
+def save_on_this_machine(model: Any) -> None:
+    """Let ``model.save_pretrained`` write in this process when it keeps its machine's own run folder.
+
+    Once torch.distributed is up, transformers (checked with 5.19) writes a model only in the process of
+    rank 0, whatever ``save_on_each_node`` says: the first process of another machine would publish, and
+    checkpoint, a folder without weights.
+    """
+    if own_run_folders() and is_main_process() and _rank() != 0 and hasattr(model, "should_save_on_this_rank"):
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
 
 
 def wait_for_everyone() -> None:
@@ -288,11 +375,68 @@ def wait_for_everyone() -> None:
 _store_barriers = itertools.count()
 
 
+def agree(problem: AlignError | None) -> None:
+    """Across the launched processes: raise, in every process, the first problem that any of them had
+    (by rank); return when none had one. One process that refuses to go on (the run folder is in use, say)
+    must stop the others too, which would otherwise wait for it in their first collective."""
+    if not must_sync():
+        if problem is not None:
+            raise problem
+        return
+    store = _launch_store()
+    key = f"align/agree/{next(_store_agreements)}"
+    said = None if problem is None else [problem.message, problem.hint]
+    store.set(f"{key}/{_rank()}", json.dumps(said))
+    ranks = [f"{key}/{rank}" for rank in range(int(os.environ["WORLD_SIZE"]))]
+    store.wait(ranks)
+    for rank in ranks:
+        found = json.loads(store.get(rank))
+        if found is not None:
+            raise AlignError(found[0], hint=found[1])
+
+
+_store_agreements = itertools.count()
+
+
+def share(value: str | None) -> str:
+    """Across the launched processes: rank 0's ``value``, in every process (all of them call this)."""
+    if not must_sync():
+        return value or ""
+    store = _launch_store()
+    key = f"align/share/{next(_store_shares)}"
+    if _rank() == 0:
+        store.set(key, value or "")
+    store.wait([key])
+    return bytes(store.get(key)).decode()
+
+
+_store_shares = itertools.count()
+
+
+def any_process(flag: bool) -> bool:
+    """Across the launched processes: whether ``flag`` is true in any of them (all of them call this)."""
+    if not must_sync():
+        return flag
+    store = _launch_store()
+    key = f"align/any/{next(_store_anys)}"
+    store.set(f"{key}/{_rank()}", "1" if flag else "0")
+    ranks = [f"{key}/{rank}" for rank in range(int(os.environ["WORLD_SIZE"]))]
+    store.wait(ranks)
+    return any(bytes(store.get(rank)) == b"1" for rank in ranks)
+
+
+_store_anys = itertools.count()
+
+
 @functools.cache
 def _launch_store() -> Any:
     """The key-value store the launched processes share (torchrun's, which its agent serves on
     MASTER_PORT, or rank 0's). A process group of our own would do, but not twice: a second one on the
-    same store reads the first one's stale addresses."""
+    same store reads the first one's stale addresses.
+
+    Under srun or mpirun no agent serves one: rank 0 serves it on MASTER_PORT, multi-tenant, so that the
+    process group that a stage makes later on the same port shares its server instead of failing to bind.
+    """
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -302,8 +446,9 @@ def _launch_store() -> Any:
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         int(os.environ["WORLD_SIZE"]),
-        is_master=not agent_serves and is_main_process(),
+        is_master=not agent_serves and _rank() == 0,
         timeout=timedelta(minutes=30),  # as long as a process group's: rank 0 may be publishing gigabytes
+        multi_tenant=not agent_serves,
     )
 
 

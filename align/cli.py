@@ -157,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument(
         "--chat-template",
         metavar="FILE|TEMPLATE",
-        help="a .jinja file or the template itself, replacing the tokenizer's (as a stage's chat_template:)",
+        help="a registered template's name (`align plugins` lists them), a .jinja file or the template itself, "
+        "replacing the tokenizer's (as a stage's chat_template:)",
     )
     preview.set_defaults(command=cmd_data_preview)
 
@@ -239,21 +240,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
     from align.backend import LAUNCHED_ENV, follow_launcher, is_main_process, launch, must_launch
+    from align.launchers import outside_launcher
     from align.memory import check_fits, format_plan, plan_recipe
     from align.recipe import load_recipe
     from align.runner import claim_run_dir, default_run_dir, run_recipe
 
     pm = _plugin_manager(args)
     recipe = load_recipe(args.recipe, _overrides(args), pm)
+    # Started by torchrun, accelerate, srun or mpirun: run in place, as one of the processes it started;
+    # or, as srun's one task on this machine, launch this machine's processes as on any machine.
+    launcher = outside_launcher()
+    if launcher is not None:
+        launcher.check(recipe.backend)
+        if launcher.one_per_machine(recipe.backend):
+            this_machine = launcher.machine_overrides(recipe.backend)
+            recipe = load_recipe(args.recipe, [*_overrides(args), *this_machine], pm)
+            args.argv = [*args.argv, *this_machine]
+            launcher = None
+        else:
+            launcher.join(recipe.backend)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(recipe)
     if os.environ.get(LAUNCHED_ENV) != "1":  # the launcher plans; the processes it starts need not again
         shape, plans = plan_recipe(recipe, pm)
         if shape is not None:  # a model source that cannot tell its shape gets no plan, and no check
             device = _device(recipe, args.device_memory)
-            print(format_plan(shape, plans, device, detail=False), file=sys.stderr)
-            if not args.no_memory_check:
+            if is_main_process():
+                print(format_plan(shape, plans, device, detail=False), file=sys.stderr)
+            if not args.no_memory_check:  # in every process run in place: one refusing alone would strand the rest
                 check_fits(plans, device)
-    if must_launch(recipe.backend):
+    if launcher is None and must_launch(recipe.backend):
         # The launching process holds the run folder's lock for the whole run (the processes it starts
         # know they were launched and leave it alone); other machines' launchers leave it to machine 0's.
         main_machine = recipe.backend.machine_rank == 0

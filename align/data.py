@@ -3,7 +3,8 @@
 A stage's ``data:`` names datasets by registry entry (``alpaca_en_demo``) or by file path. Entries come
 from the recipe's ``dataset_dir`` (``--dataset-dir`` on the command line) and then from align's own
 ``datasets/dataset_info.json``. Files are read through HuggingFace ``datasets`` (json, jsonl, parquet,
-csv, with its cache); every row is converted by its format plugin into an
+csv, with its cache), and so are entries with an ``hf_hub_url`` (``datasets.load_dataset``, online or
+from its cache); every row is converted by its format plugin into an
 :class:`~align.conversation.Example`. A row that cannot be converted stops the load with its file and
 row, or, with ``on_bad_row: skip``, is skipped and counted by reason. Nothing is dropped silently.
 """
@@ -67,6 +68,30 @@ ENTRY_KEYS = (
     "cloud_file_name",
 )
 MULTIMODAL_COLUMNS = ("images", "videos", "audios")
+# Sources LLaMA-Factory can load and align cannot, with what to do instead.
+_ELSEWHERE = {
+    "ms_hub_url": (
+        "ModelScope",
+        "give the entry the dataset's `hf_hub_url` (most ModelScope datasets are on the Hugging Face Hub too), "
+        "or download it (`modelscope download --dataset ID --local_dir DIR`) and give the entry a `file_name` "
+        "relative to its dataset_dir",
+    ),
+    "om_hub_url": (
+        "Modelers (openMind)",
+        "give the entry the dataset's `hf_hub_url`, or download it and give the entry a `file_name` relative "
+        "to its dataset_dir",
+    ),
+    "script_url": (
+        "a dataset loading script",
+        "datasets no longer runs loading scripts: save the data as json, jsonl, parquet or csv and give the "
+        "entry a `file_name` relative to its dataset_dir",
+    ),
+    "cloud_file_name": (
+        "cloud storage",
+        "download the file (e.g. `aws s3 cp`, `gcloud storage cp`) and give the entry a `file_name` relative "
+        "to its dataset_dir",
+    ),
+}
 
 
 @dataclass
@@ -137,6 +162,20 @@ class DatasetEntry:
     split: str = "train"
     num_samples: int | None = None
     registered: bool = True  #: from a registry (``False``: a file given by path)
+    #: The Hugging Face Hub dataset the rows come from (the entry's ``hf_hub_url``); ``path`` is then its
+    #: copy in the ``datasets`` cache, so that a new revision changes the stage's fingerprint.
+    hub: str | None = None
+    subset: str | None = None  #: the hub dataset's configuration (``load_dataset``'s ``name``)
+    folder: str | None = None  #: a folder of the hub repository (``load_dataset``'s ``data_dir``)
+
+    @property
+    def origin(self) -> str:
+        """Where the rows come from, as error messages name it: the file, or the hub dataset and its split."""
+        if self.hub is None:
+            return str(self.path)
+        parts = [f"subset '{self.subset}'"] if self.subset else []
+        parts += [f"folder '{self.folder}'"] if self.folder else []
+        return f"the hub dataset {self.hub} ({', '.join([*parts, f'split {self.split!r}'])})"
 
 
 @dataclass
@@ -176,9 +215,15 @@ def resolve(reference: str, dirs: Sequence[Path]) -> DatasetEntry:
             raise AlignError(f"data: {path}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
         return DatasetEntry(path.stem, path, formatting=None, registered=False)
     known = [name for folder in dirs for name in read_registry(folder)]
+    hint = f"registries searched: {', '.join(str(d / REGISTRY_FILE) for d in dirs)}"
+    if reference.count("/") == 1 and not reference.startswith((".", "/", "~")):  # reads like a hub id
+        hint += (
+            "; a dataset of the Hugging Face Hub is named through a registry entry: "
+            f'{{"NAME": {{"hf_hub_url": "{reference}", "formatting": ..., "columns": ...}}}} '
+            "in the dataset_info.json of the recipe's dataset_dir"
+        )
     raise AlignError(
-        f"data: '{reference}' is neither a registry entry nor a file{did_you_mean(reference, known)}",
-        hint=f"registries searched: {', '.join(str(d / REGISTRY_FILE) for d in dirs)}",
+        f"data: '{reference}' is neither a registry entry nor a file{did_you_mean(reference, known)}", hint=hint
     )
 
 
@@ -204,12 +249,6 @@ def _entry(name: str, raw: Any, folder: Path) -> DatasetEntry:
     for key in raw:
         if key not in ENTRY_KEYS:
             raise AlignError(f"{where} has the unknown key '{key}'{did_you_mean(key, ENTRY_KEYS)}")
-    remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in raw]
-    if "file_name" not in raw:
-        raise AlignError(
-            f"{where} loads from {remote[0] if remote else 'nowhere'}; align reads local files only",
-            hint="download the data and give the entry a `file_name` relative to its dataset_dir",
-        )
     columns = raw.get("columns") or {}
     multimodal = [c for c in MULTIMODAL_COLUMNS if c in columns]
     if multimodal:
@@ -217,20 +256,161 @@ def _entry(name: str, raw: Any, folder: Path) -> DatasetEntry:
     formatting = raw.get("formatting")  # none: the format that serves as the fallback (LLaMA-Factory's: alpaca)
     if formatting is None and set(columns) <= {"prompt"} and columns:
         raise AlignError(f"{where} is plain pre-training text; align's stages take conversations")
-    return DatasetEntry(
+    for key in ("file_name", "hf_hub_url", "subset", "split", "folder"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key].strip()):
+            raise AlignError(f"{where}: `{key}` must be a non-empty string, got {raw[key]!r}")
+    num_samples = raw.get("num_samples")
+    if num_samples is not None and (type(num_samples) is not int or num_samples < 1):  # bool is an int too
+        raise AlignError(f"{where}: `num_samples` must be a whole number of rows, at least 1, got {num_samples!r}")
+    entry = DatasetEntry(
         name=name,
-        path=folder / raw["file_name"],
+        path=folder / REGISTRY_FILE,
         formatting=formatting,
         ranking=bool(raw.get("ranking", False)),
         columns=dict(columns),
         tags=dict(raw.get("tags") or {}),
         split=raw.get("split", "train"),
-        num_samples=raw.get("num_samples"),
+        num_samples=num_samples,
+    )
+    # A local file wins over the hub (LLaMA-Factory prefers the hub): it reads offline, always the same
+    # rows, and "add a `file_name`" is then all it takes to pin a hub dataset to a downloaded copy.
+    if "file_name" in raw:
+        entry.path = folder / raw["file_name"]
+        if "hf_hub_url" in raw and not entry.path.exists():
+            raise AlignError(
+                f"{where}: file_name {entry.path}: no such file",
+                hint=f"the entry also names hf_hub_url '{raw['hf_hub_url']}'; align reads the `file_name` of an "
+                "entry that has both: remove `file_name` to load the dataset from the Hugging Face Hub",
+            )
+        return entry
+    if "hf_hub_url" in raw:
+        entry.hub, entry.subset, entry.folder = _hub_id(raw["hf_hub_url"], where), raw.get("subset"), raw.get("folder")
+        copy = _hub_split(entry, entry.hub, where)
+        # Its cached Arrow file: what the rows are read from, hashed into the stage's fingerprint. Its folder
+        # is named after the hub revision, so a new revision reruns the stage. (A copy kept in memory has
+        # none: the registry file stands in.)
+        files = [Path(f["filename"]) for f in copy.cache_files]
+        if files:
+            entry.path = files[0]
+        return entry
+    for key, (place, hint) in _ELSEWHERE.items():
+        if key in raw:
+            raise AlignError(
+                f"{where} loads from {place} ({key} '{raw[key]}'); align reads local files and the Hugging Face "
+                "Hub (`hf_hub_url`)",
+                hint=hint,
+            )
+    raise AlignError(f"{where} names no data: give it a `file_name` (relative to its dataset_dir) or an `hf_hub_url`")
+
+
+def _hub_id(url: str, where: str) -> str:
+    """The repository id of an ``hf_hub_url`` (``org/name``); a pasted web address is turned back into one."""
+    hub_id = url.strip().removeprefix("hf://datasets/")
+    for prefix in ("https://huggingface.co/datasets/", "http://huggingface.co/datasets/", "huggingface.co/datasets/"):
+        hub_id = hub_id.removeprefix(prefix)
+    hub_id = hub_id.strip("/")
+    if "://" in hub_id or hub_id.count("/") > 1:
+        raise AlignError(
+            f"{where}: hf_hub_url '{url}' is not a Hugging Face Hub dataset id",
+            hint="write the repository id, `ORG/NAME` (as in https://huggingface.co/datasets/ORG/NAME); "
+            "a subset goes in `subset`, a folder of the repository in `folder`",
+        )
+    return hub_id
+
+
+# Hub datasets loaded in this process: resolve(), data_files() and the load itself each ask for one, and
+# without network every ask would wait out the hub's retries again.
+_HUB_COPIES: dict[tuple[Any, ...], Any] = {}
+
+
+def _hub_split(entry: DatasetEntry, hub: str, where: str) -> Any:
+    """The entry's split of its hub dataset ``hub`` (a ``datasets.Dataset``), loaded once per process."""
+    import datasets
+
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    key = (hub, entry.subset, entry.folder, str(datasets.config.HF_DATASETS_CACHE), offline)
+    if key not in _HUB_COPIES:
+        datasets.disable_progress_bars()
+        named = f"{where} loads the hub dataset '{hub}'" + (f" (subset '{entry.subset}')" if entry.subset else "")
+        # Offline, datasets warns that it falls back to its cache: that is what offline means, not news.
+        quiet = [logging.getLogger(n) for n in ("datasets.load", "datasets.packaged_modules.cache.cache")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            # Every split: datasets prepares them all anyway, and a wrong `split` can then name the others.
+            _HUB_COPIES[key] = datasets.load_dataset(hub, entry.subset, data_dir=entry.folder)
+        except Exception as error:  # datasets' errors name neither the registry nor its entry
+            raise _hub_error(error, named, entry, offline) from None
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
+        logger.debug("%s: %s", named, _HUB_COPIES[key])
+    splits = _HUB_COPIES[key]
+    if entry.split not in splits:
+        raise AlignError(
+            f"{where}: the hub dataset '{hub}' has no split '{entry.split}'{did_you_mean(entry.split, splits)}",
+            hint=f"its splits: {', '.join(splits)}; set the entry's `split` (default `train`); to take the "
+            "first rows only, use `num_samples`",
+        )
+    return splits[entry.split]
+
+
+def _hub_error(error: Exception, named: str, entry: DatasetEntry, offline: bool) -> AlignError:
+    from datasets.exceptions import DatasetNotFoundError
+
+    detail = " ".join(str(error).split())  # datasets' messages span lines
+    download = (
+        "download it once online (run `align config RECIPE` with network access, and HF_HUB_OFFLINE and "
+        "HF_DATASETS_OFFLINE unset: it lands in the datasets cache, HF_DATASETS_CACHE), or download the data "
+        "and point the entry at a local `file_name` (it takes precedence over `hf_hub_url`)"
+    )
+    # Offline, or with the hub out of reach, datasets looks in its cache; a dataset cached under other
+    # subsets only gets "Couldn't find cache ... for config".
+    not_cached = "Couldn't find cache" in detail
+    if isinstance(error, ConnectionError) or not_cached:
+        missing = f"subset '{entry.subset}' is" if entry.subset and not_cached else "it is"
+        cached = detail.partition("Available configs in the cache: ")[2].strip("[]").replace("'", "")
+        if offline:
+            why, hint = "offline mode is on (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1)", download
+        else:
+            reason = "" if not_cached else f" ({detail})"
+            why = f"the Hugging Face Hub cannot be reached{reason}; HF_HUB_OFFLINE is not set"
+            hint = f"{download}; with HF_HUB_OFFLINE=1, cached datasets load without waiting on the hub"
+        cached_note = f" (cached: {cached})" if cached else ""
+        return AlignError(f"{named}, but {missing} not in the local cache{cached_note}: {why}", hint=hint)
+    if isinstance(error, DatasetNotFoundError):
+        return AlignError(
+            f"{named}, which the Hugging Face Hub does not have or does not let you read: {detail}",
+            hint="check the entry's `hf_hub_url` (ORG/NAME, as in https://huggingface.co/datasets/ORG/NAME); for a "
+            "gated or private dataset, accept its terms on its page and log in (`hf auth login`, or HF_TOKEN)",
+        )
+    # Online: "BuilderConfig 'x' not found" or "Config name is missing"; offline: "multiple ... configurations".
+    subsets = ("BuilderConfig", "Config name is missing", "configurations in the cache")
+    if isinstance(error, ValueError) and any(words in detail for words in subsets):
+        subset = f" with subset '{entry.subset}'" if entry.subset else ""
+        return AlignError(
+            f"{named}, which cannot be read{subset}: {detail}",
+            hint="set the entry's `subset` to one of the dataset's subsets (configs), listed on its hub page",
+        )
+    return AlignError(
+        f"{named}, which cannot be loaded: {type(error).__name__}: {detail}", hint=download if offline else None
     )
 
 
-def read_rows(entry: DatasetEntry) -> list[dict[str, Any]]:
-    """The file's rows as dicts, read through ``datasets`` (cached); errors name file and position."""
+def read_rows(entry: DatasetEntry, limit: int | None = None) -> list[dict[str, Any]]:
+    """The dataset's rows as dicts, read through ``datasets`` (cached); errors name file and position.
+
+    :param limit: read only the first this many rows.
+    """
+    if entry.hub is not None:
+        rows = _hub_split(entry, entry.hub, f"dataset '{entry.name}'")
+        return rows.select(range(min(limit, len(rows)))).to_list() if limit else rows.to_list()
+    rows = _read_file(entry)
+    return rows[:limit] if limit else rows
+
+
+def _read_file(entry: DatasetEntry) -> list[dict[str, Any]]:
     path = entry.path
     if not path.is_file():
         raise AlignError(f"dataset '{entry.name}': {path}: no such file")
@@ -310,14 +490,10 @@ def load_examples(
 
     :param allow_prompts: accept rows that are prompts only (no reply), for generation.
     """
-    rows = read_rows(entry)
+    rows = read_rows(entry, num_samples or entry.num_samples)
     report = LoadReport(entry.name, rows=len(rows))
     if not rows:
-        raise AlignError(f"dataset '{entry.name}': {entry.path} is empty")
-    limit = num_samples or entry.num_samples
-    if limit:
-        rows = rows[:limit]
-        report.rows = len(rows)
+        raise AlignError(f"dataset '{entry.name}': {entry.origin} is empty")
     fmt = _format(entry, formats, format_name, rows[0])
     columns = {**fmt.columns, **entry.columns}
     tags = {**fmt.tags, **entry.tags}
@@ -336,8 +512,10 @@ def load_examples(
             examples.append(example.validate(allow_prompts))
         except BadRow as bad:
             if on_bad_row == "error":
+                # a file names itself; a hub dataset's origin needs the registry name beside it
+                source = entry.origin if entry.hub is None else f"dataset '{entry.name}': {entry.origin}"
                 raise AlignError(
-                    f"{entry.path} row {index}: {bad.detail}",
+                    f"{source} row {index}: {bad.detail}",
                     hint="fix the row, or set `on_bad_row: skip` to leave such rows out (they are counted)",
                 ) from None
             report.skipped[bad.reason] += 1
@@ -383,7 +561,7 @@ def _format(
                 "or a JSON object of columns; move the rows to the top level"
             )
         raise AlignError(
-            f"dataset '{entry.name}': the first row of {entry.path} (columns {', '.join(first)}) matches {found}",
+            f"dataset '{entry.name}': the first row of {entry.origin} (columns {', '.join(first)}) matches {found}",
             hint=hint,
         )
     return matches[0]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from align.chat_template import ChatTemplate
     from align.dataformat import DatasetFormat
     from align.evaluation import Evaluator
     from align.kinds import DataKind
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from align.rollout import RolloutEngine
     from align.runner import RunSummary
     from align.stage import Stage, StageContext, StageOutcome
+    from align.trackers import ExperimentTracker
 
 hookspec = pluggy.HookspecMarker("align")
 
@@ -154,6 +156,32 @@ def align_register_evaluators() -> Sequence[Evaluator]:
     knowing the evaluator.
 
     :returns: :class:`align.evaluation.Evaluator` instances (``reward_model``, ``kl``, ``perplexity``, …).
+    """
+
+
+@hookspec
+def align_register_chat_templates() -> Sequence[ChatTemplate]:
+    """Register chat templates by name: Jinja text or ``.jinja`` files, not code that builds prompts.
+
+    A stage's ``chat_template: NAME`` picks one (a name is looked up first, then a file, then template
+    text); the template replaces the tokenizer's and is saved with the checkpoint. An unknown name is an
+    error when the recipe is checked.
+
+    :returns: :class:`align.chat_template.ChatTemplate` instances (``chatml``, ``llama3``, ``qwen2``, …).
+    """
+
+
+@hookspec
+def align_register_trackers() -> Sequence[ExperimentTracker]:
+    """Register experiment trackers: where every stage's metrics are reported besides its metrics file.
+
+    A stage's ``report_to: NAME`` (or a list of names, or ``defaults.report_to`` for every stage) selects
+    trackers; left unset, every tracker whose ``fallback`` is true reports. A name no tracker has, or a
+    tracker whose ``missing()`` package is not installed, is refused when the recipe loads. In the run's
+    first process only, align ``open``-s each of a stage's trackers before the stage runs, hands the run
+    every row the stage logs (``log(metrics, step)``) and closes it as the stage ended.
+
+    :returns: :class:`align.trackers.ExperimentTracker` instances (``tensorboard``, ``wandb``, ``mlflow``, …).
     """
 
 

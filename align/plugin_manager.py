@@ -46,6 +46,8 @@ REGISTRIES = {
     "reward function": "align_register_reward_functions",
     "advantage estimator": "align_register_advantage_estimators",
     "evaluator": "align_register_evaluators",
+    "chat template": "align_register_chat_templates",
+    "tracker": "align_register_trackers",
 }
 
 #: Plugins that are part of the core rather than extensions: registered directly, never blockable.

@@ -11,14 +11,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from align.chat_template import resolve_chat_template
 from align.conversation import Example
 from align.data import DataSource, dataset_dirs, load_examples, resolve
 from align.dataformat import DatasetFormat
-from align.errors import AlignError
 from align.kinds import DataKind, kind_of
 from align.plugin_manager import AlignPluginManager
 from align.prepare import as_kind
-from align.render import IGNORE, Renderer, read_chat_template
+from align.render import IGNORE, Renderer
 
 # Trained text is shown green on a terminal, and between [[ and ]] elsewhere (files, pipes, tests).
 _MARKS = {True: ("\033[32m", "\033[0m"), False: ("[[", "]]")}
@@ -40,20 +40,15 @@ def preview(
     """Render ``count`` rows of ``dataset`` and the counts for all of it, as text.
 
     :param model: whose tokenizer and chat template; ``None`` for the fallback model source.
-    :param chat_template: a ``.jinja`` file or the template itself, replacing the tokenizer's (as a
-        stage's ``chat_template:`` does).
+    :param chat_template: a registered template's name, a ``.jinja`` file or the template itself, replacing
+        the tokenizer's (as a stage's ``chat_template:`` does).
     """
     from transformers import AutoTokenizer
 
     from align.recipe import validate_model
 
-    try:  # before the model loads: a mistyped path fails at once
-        template = read_chat_template(chat_template)
-    except AlignError as error:  # its message names the recipe setting; here it is an option
-        raise AlignError(
-            f"--chat-template {error.message.removeprefix('chat_template: ')}",
-            hint="give a .jinja file, or the template itself (text with {{ }} or {% %} tags)",
-        ) from None
+    # Before the model loads: a mistyped name or path fails at once.
+    template = resolve_chat_template(chat_template, plugins, "--chat-template")
     model = model or plugins.fallback("model source", "--model").name
     spec = validate_model(model, plugins)
     path = plugins.get("model source", spec.source).materialize(spec.config, cache_dir)

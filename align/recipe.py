@@ -28,11 +28,13 @@ from typing import Any
 import yaml
 
 from align.backend import BACKEND_OPTIONS, Backend, check_hardware
+from align.backend_files import resolve_backend
 from align.errors import AlignError
 from align.peft_method import PeftChoice
 from align.plugin_manager import AlignPluginManager
 from align.schema import build, did_you_mean, reject_unknown_keys, to_plain
 from align.stage import BASE, Input, Stage
+from align.trackers import REPORT_TO, check_report_to
 
 __all__ = [
     "OWNED_OPTIONS",
@@ -67,8 +69,8 @@ OWNED_OPTIONS: dict[str, tuple[str, str]] = {
         "use --force STAGE to rerun a stage whose output is cached",
     ),
     "logging_dir": (
-        "align writes TensorBoard logs to RUN_DIR/tensorboard/STAGE and metrics to RUN_DIR/logs",
-        "use --run-dir or `run_dir:` to move them",
+        "align writes metrics to RUN_DIR/logs and hands them to the stage's trackers, which write where they say",
+        "use --run-dir or `run_dir:` to move them, and `report_to` to choose the trackers",
     ),
     "run_name": (
         "align names a run by its run folder and its parts by the stages' names",
@@ -303,7 +305,7 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager, path: Path |
     for name, entry in stages_raw.items():
         stages[name] = _validate_stage(str(name), entry, defaults, stages_raw, stages, pm)
     _reject_unused_defaults(defaults, stages.values())
-    backend = build(Backend, raw.get("backend"), "backend")
+    backend = resolve_backend(raw.get("backend"))  # with the DeepSpeed and accelerate configs it names
     check_hardware(backend)
     recipe = Recipe(
         model=validate_model(raw["model"], pm),
@@ -316,6 +318,7 @@ def validate_recipe(raw: Mapping[str, Any], pm: AlignPluginManager, path: Path |
     )
     for spec in stages.values():
         spec.stage.check(spec.config, recipe, pm)
+    check_report_to(recipe, pm)  # every stage's, a third party's too, whatever its own check does
     pm.hook.align_recipe_loaded(recipe=recipe, plugins=pm)
     return recipe
 
@@ -523,7 +526,8 @@ def _cycle_through(start: str, first: str, all_stages: Mapping[str, Any]) -> lis
 
 
 def _reject_unused_defaults(defaults: Mapping[str, Any], stages: Iterable[StageSpec]) -> None:
-    accepted = {f.name for spec in stages for f in dataclasses.fields(spec.stage.Config)}
+    # report_to is the core's (align.trackers): it serves stages whose settings lack it, a third party's too.
+    accepted = {f.name for spec in stages for f in dataclasses.fields(spec.stage.Config)} | {REPORT_TO}
     for key in defaults:
         if key not in accepted:
             raise AlignError(

@@ -3,7 +3,9 @@
 The loss covers every assistant turn and nothing else, for any chat template: a turn's span is found
 by rendering the conversation up to the turn (with the generation prompt) and up to its end, and the
 tokens whose text falls in a span are trained on. Rows are rendered as text and tokenized in batches by
-the fast tokenizer, which is what makes this quicker than tokenizing row by row.
+the fast tokenizer, which is what makes this quicker than tokenizing row by row. A row where a token would
+hold both a reply's edge and the text beside it (a template's markers that are no tokens of this
+tokenizer) is tokenized again piece by piece, so that the masks stay exact.
 
 Conversations longer than ``max_length`` lose their oldest exchanges first; one whose last exchange
 alone is too long is dropped. Both are counted, by reason, in a :class:`RenderReport`.
@@ -11,11 +13,13 @@ alone is too long is dropped. Both are counted, by reason, in a :class:`RenderRe
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.chat_template import ChatTemplate, resolve_chat_template
 from align.conversation import Example
 from align.errors import AlignError
 
@@ -50,8 +54,8 @@ class RenderReport:
             raise AlignError(
                 f"dataset '{self.name}': the chat template leaves out {self.lost_tool_calls} tool calls in "
                 f"{self.rows_losing_tool_calls} rows, so those turns would be trained on as empty or partial text",
-                hint="give the stage a `chat_template:` that renders tool calls (a .jinja file, e.g. a tool-capable "
-                "model's template), or drop the tool-call rows from the dataset",
+                hint="give the stage a `chat_template:` that renders tool calls (a registered one, see `align "
+                "plugins`, or a .jinja file, e.g. a tool-capable model's template), or drop the tool-call rows",
             )
 
     def describe(self) -> str:
@@ -67,13 +71,18 @@ class RenderReport:
 class Renderer:
     """Turns :class:`Example` rows into ``input_ids`` and ``labels`` (SFT) or preference pairs."""
 
-    def __init__(self, tokenizer: Any, max_length: int, chat_template: str | None = None) -> None:
-        if chat_template:
-            tokenizer.chat_template = chat_template
+    def __init__(self, tokenizer: Any, max_length: int, chat_template: str | ChatTemplate | None = None) -> None:
+        """:param chat_template: replaces the tokenizer's: a :class:`ChatTemplate` (see
+        :func:`~align.chat_template.resolve_chat_template`) or the Jinja text."""
+        if isinstance(chat_template, str):
+            chat_template = ChatTemplate("given", chat_template, "given as text") if chat_template else None
+        #: what ends a reply, where it is not the tokenizer's end-of-sequence token
+        self.stop = chat_template.install(tokenizer) if chat_template else None
         if not getattr(tokenizer, "chat_template", None):
             raise AlignError(
                 "the tokenizer has no chat template",
-                hint="give the stage a `chat_template:` (a Jinja file or string), or use an instruct model",
+                hint="give the stage a `chat_template:` (a registered name, a Jinja file or the template itself), "
+                "or use an instruct model",
             )
         if not getattr(tokenizer, "is_fast", False):
             raise AlignError("align needs a fast (Rust) tokenizer to find assistant turns; this one is slow")
@@ -81,9 +90,17 @@ class Renderer:
 
     # ------------------------------------------------------------------ text
     def text(self, messages: Sequence[dict[str, Any]], tools: Any = None, generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            list(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as error:  # the template's own raise_exception(...), or a mistake in it
+            raise AlignError(
+                f"the chat template cannot render a conversation: {error}",
+                hint="give the stage a `chat_template:` that renders these roles, or fix the data",
+            ) from None
 
     def text_and_spans(self, example: Example) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its assistant turns."""
@@ -105,8 +122,9 @@ class Renderer:
         return full, spans
 
     def _end_of_reply(self, text: str, start: int, end: int) -> int:
-        """Where a reply ends: just after its end-of-sequence token, leaving the template's separator."""
-        eos = self.tokenizer.eos_token
+        """Where a reply ends: just after its end-of-sequence token (or the template's end of a reply),
+        leaving the template's separator."""
+        eos = self.stop or self.tokenizer.eos_token
         found = text.rfind(eos, start, end) if eos else -1
         return found + len(eos) if found >= 0 else end
 
@@ -131,9 +149,11 @@ class Renderer:
             encoded = self.tokenizer(
                 [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
             )
-            for example, (_, spans), ids, offsets in zip(
+            for example, (text, spans), ids, offsets in zip(
                 batch, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
             ):
+                if _straddles(offsets, spans):
+                    ids, offsets = self._encode_apart(text, spans)
                 if len(ids) > self.max_length:
                     fitted = self._fit(example, report)
                     if fitted is None:
@@ -170,9 +190,30 @@ class Renderer:
             shorter = Example(system + dialogue, tools=example.tools)
             text, spans = self.text_and_spans(shorter)
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            if len(encoded["input_ids"]) <= self.max_length:
+            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+            if _straddles(offsets, spans):
+                ids, offsets = self._encode_apart(text, spans)
+            if len(ids) <= self.max_length:
                 report.history_truncated += 1
-                return encoded["input_ids"], _labels(encoded["input_ids"], encoded["offset_mapping"], spans)
+                return ids, _labels(ids, offsets, spans)
+
+    def _encode_apart(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """``text`` tokenized piece by piece, cut at the replies' edges, so that no token holds both a
+        reply's text and the text around it. Needed where a template's markers are not tokens of this
+        tokenizer: ``<|eot_id|><|start_header_id|>`` then tokenizes with ``|><|`` as one token."""
+        cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+        pieces = [(begin, end) for begin, end in zip(cuts, cuts[1:], strict=False) if end > begin]
+        encoded = self.tokenizer(
+            [text[begin:end] for begin, end in pieces], add_special_tokens=False, return_offsets_mapping=True
+        )
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for (begin, _), piece_ids, piece_offsets in zip(
+            pieces, encoded["input_ids"], encoded["offset_mapping"], strict=True
+        ):
+            ids += piece_ids
+            offsets += [(begin + start, begin + end) for start, end in piece_offsets]
+        return ids, offsets
 
     # ------------------------------------------------------------------ preference and feedback
     def preference(self, examples: Sequence[Example], name: str) -> tuple[dict[str, list[Any]], RenderReport]:
@@ -279,6 +320,15 @@ def _labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Seque
     return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
+def _straddles(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether a token begins on one side of a reply's edge and ends on the other."""
+    for edge in (edge for span in spans for edge in span):
+        before = bisect.bisect_left(offsets, edge, key=lambda offset: offset[0])  # tokens that begin before it
+        if before and offsets[before - 1][1] > edge:  # offsets are in order: the last of them reaches furthest
+            return True
+    return False
+
+
 def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
     """Share of a padded batch that is padding, batching ``lengths`` in order ``batch_size`` at a time."""
     if not lengths:
@@ -301,14 +351,7 @@ def lost_tool_calls(messages: Sequence[dict[str, Any]], text: str) -> int:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """A ``chat_template`` setting: the content of a ``.jinja`` file, or the template text itself."""
-    if value is None:
-        return None
-    if "{" not in value:  # every template has a tag; a value without one is a file
-        from pathlib import Path
-
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise AlignError(f"chat_template: {path}: no such file")
-        return path.read_text(encoding="utf-8")
-    return value
+    """A ``chat_template`` setting's text: a ``.jinja`` file's content, or the template itself. Registered
+    names need the plugins: use :func:`~align.chat_template.resolve_chat_template`."""
+    template = resolve_chat_template(value)
+    return template.text if template else None

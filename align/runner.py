@@ -7,9 +7,11 @@ The run directory::
       summary.json         the run's status and each stage's status, time and headline metrics
       logs/run.log         everything the run logged, tracebacks of failures included
       logs/<stage>.metrics.jsonl
+      tensorboard/<stage>/ the stage's TensorBoard events (and mlruns/, wandb/: see align.plugins.trackers)
       <stage>/             each stage's published artifact, with align-manifest.json
       .work/<stage>-<fp>/  a stage in progress; kept across crashes so the stage can resume
       .align.lock          locked (flock) by the run using the folder; holds its pid and host
+      .align.machine-0     with several machines: rank 0's mark, telling which machines share this folder
 
 This module is also the core plugin that provides the default ``align_run_stage``.
 """
@@ -47,12 +49,23 @@ from align.artifacts import (
     tokenizer_identity,
     write_json,
 )
-from align.backend import LAUNCHED_ENV, is_main_process, wait_for_everyone
+from align.backend import (
+    LAUNCHED_ENV,
+    agree,
+    any_process,
+    is_main_process,
+    is_rank_zero,
+    must_sync,
+    set_own_run_folders,
+    share,
+    wait_for_everyone,
+)
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
 from align.recipe import Recipe, StageSpec
-from align.schema import did_you_mean, to_plain
+from align.schema import did_you_mean
 from align.stage import BASE, Artifact, StageContext, StageOutcome
+from align.trackers import REPORT_TO, tracking
 
 __all__ = [
     "LOCK_FILE",
@@ -141,23 +154,8 @@ def run_recipe(
                 hint=f"its stages: {', '.join(recipe.stages)}",
             )
     run_dir = Path(run_dir or default_run_dir(recipe))
-    # One process takes the run folder's lock: this one when it runs alone (or is rank 0 of a launch it
-    # did not start itself); when `align run` relaunched itself, the launching process holds it for the
-    # whole run, and the processes it started (LAUNCHED_ENV) must not try to take it a second time.
-    holds_lock = is_main_process() and os.environ.get(LAUNCHED_ENV) != "1"
     with contextlib.ExitStack() as held:
-        if holds_lock:
-            held.enter_context(claim_run_dir(run_dir))  # before anything is written into the folder
-        try:
-            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            if is_main_process():
-                recipe_text = yaml.safe_dump(recipe.to_plain(), sort_keys=False)
-                (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-            held.enter_context(_run_log(run_dir / "logs" / "run.log"))
-        except OSError as error:  # before any work: say what is wrong with the folder (exit 2)
-            raise storage_error(error, run_dir) or AlignError(
-                f"cannot set up run folder {run_dir}: {error}", hint="choose another folder with --run-dir"
-            ) from None
+        _open_run_dir(run_dir, recipe, held)
         summary = RunSummary(str(run_dir), str(recipe.path) if recipe.path else None)
         summary.stages = {name: StageOutcome("pending") for name in recipe.stages}
         runner = _Runner(recipe, pm, run_dir, set(force), cache_dir or align_home() / "models", summary)
@@ -173,6 +171,75 @@ def run_recipe(
             summary.write()
             pm.hook.align_run_finished(summary=summary)
     return summary
+
+
+def _open_run_dir(run_dir: Path, recipe: Recipe, held: contextlib.ExitStack) -> None:
+    """Lock, create and start writing the run folder, every process of the run agreeing.
+
+    One process takes the run folder's lock: this one when it runs alone, or rank 0 when an outside
+    launcher (torchrun, srun, …) started the processes; when `align run` relaunched itself, the launching
+    process holds it for the whole run, and the processes it started (LAUNCHED_ENV) must not try to take it
+    a second time. With several machines, each machine whose run folder is not machine 0's (they do not
+    share a file system, or were given different folders) keeps a whole run folder of its own, locked by
+    its first process. Whatever goes wrong in any process stops them all, with the same message.
+    """
+    set_own_run_folders(False)
+    machines = recipe.backend.num_machines > 1 and must_sync()
+    problem, mark = None, None
+    try:
+        if is_main_process() and os.environ.get(LAUNCHED_ENV) != "1":
+            held.enter_context(claim_run_dir(run_dir))  # before anything is written into the folder
+        if machines:
+            _check_run_dir(run_dir)
+            mark = _mark_machine_0(run_dir)
+    except AlignError as error:
+        problem = error
+    if machines:  # rank 0 shares its mark even when it failed: the others wait for it
+        mark = share(mark)
+    agree(problem)
+    try:
+        if machines and not _same_folder_as_machine_0(run_dir, mark):
+            set_own_run_folders(True)
+            if is_main_process():  # this machine's first process; its launcher locked nothing
+                held.enter_context(claim_run_dir(run_dir))
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            recipe_text = yaml.safe_dump(recipe.to_plain(), sort_keys=False)
+            (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        held.enter_context(_run_log(run_dir / "logs" / "run.log"))
+    except AlignError as error:
+        problem = error
+    except OSError as error:  # before any work: say what is wrong with the folder (exit 2)
+        problem = storage_error(error, run_dir) or AlignError(
+            f"cannot set up run folder {run_dir}: {error}", hint="choose another folder with --run-dir"
+        )
+    agree(problem)
+
+
+#: Written by rank 0 into its run folder, to tell the machines that share that folder from those that
+#: do not: each reads the mark in its own run folder and compares it with the one rank 0 shares.
+MACHINE_0_MARK = ".align.machine-0"
+
+
+def _mark_machine_0(run_dir: Path) -> str | None:
+    """Rank 0 writes a mark of this run into its run folder, and returns it."""
+    import secrets
+
+    if not is_rank_zero():
+        return None
+    mark = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}"
+    try:
+        (run_dir / MACHINE_0_MARK).write_text(mark, encoding="utf-8")
+    except OSError as error:
+        raise storage_error(error, run_dir) or AlignError(f"cannot write {run_dir / MACHINE_0_MARK}: {error}") from None
+    return mark
+
+
+def _same_folder_as_machine_0(run_dir: Path, mark: str | None) -> bool:
+    try:
+        return (run_dir / MACHINE_0_MARK).read_text(encoding="utf-8") == mark
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -375,6 +442,11 @@ class _Runner:
             up_to_date = manifest and manifest.get("fingerprint") == fp and spec.name not in self.force
             if up_to_date and manifest:
                 manifest = self.verified(spec.name, final_dir, manifest)  # None: damaged, rebuild it
+            # Machines that keep run folders of their own can differ (a run killed after one of them
+            # published): a process that skipped a stage the others train would leave them waiting in its
+            # collectives, so every process builds a stage that any of them must.
+            if any_process(not (up_to_date and manifest)):
+                up_to_date = False
             if up_to_date and manifest:
                 outcome.status, outcome.metrics = "cached", dict(manifest.get("metrics", {}))
                 outcome.artifact = str(final_dir)
@@ -444,15 +516,16 @@ class _Runner:
         """Run the stage in its work folder and publish it; returns the manifest."""
         self.check_tokenizers_agree(context)
         context.output_dir.mkdir(parents=True, exist_ok=True)
-        self.pm.hook.align_stage_starting(context=context)
-        started = time.perf_counter()
-        metrics = self.pm.hook.align_run_stage(context=context)
-        metrics = _check_metrics(context.name, metrics)
-        wait_for_everyone()  # every process has finished writing the output before rank 0 publishes it
-        if not is_main_process():
-            wait_for_everyone()
-            return read_manifest(final_dir) or {}
-        context.log_metrics(metrics)
+        with tracking(context, fp):  # every row the stage logs, its closing metrics too, reach its trackers
+            self.pm.hook.align_stage_starting(context=context)
+            started = time.perf_counter()
+            metrics = self.pm.hook.align_run_stage(context=context)
+            metrics = _check_metrics(context.name, metrics)
+            wait_for_everyone()  # every process has finished writing the output before rank 0 publishes it
+            if not is_main_process():
+                wait_for_everyone()
+                return read_manifest(final_dir) or {}
+            context.log_metrics(metrics)
         spec = self.recipe.stages[context.name]
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -499,13 +572,14 @@ class _Runner:
             {
                 "plugin": spec.plugin,
                 "plugin_version": spec.stage.version,
-                "settings": spec.to_plain(),
+                # Where metrics are reported changes nothing the stage makes: no retraining for it.
+                "settings": {key: value for key, value in spec.to_plain().items() if key != REPORT_TO},
                 "inputs": {
                     role: [a.fingerprint for a in found] if isinstance(found, list) else found.fingerprint
                     for role, found in inputs.items()
                 },
                 "data_files": dict(data_files),
-                "backend": to_plain(self.recipe.backend),
+                "backend": self.recipe.backend.identity(),
             }
         )
 

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from align import memory
-from align.backend import is_main_process, join_process_group, trainer_arguments
+from align.backend import is_main_process, join_process_group, save_on_this_machine, trainer_arguments
+from align.backend_files import HF_FILLS, check_stage_values
+from align.chat_template import resolve_chat_template
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import CONVERSATIONS, PREFERENCES
@@ -34,10 +36,11 @@ from align.model_options import ModelOptions, check_attention, check_liger, load
 from align.models import Kind, load_model
 from align.peft_method import LearningRates, learning_rate_setting, peft_setting, resolve_learning_rate
 from align.prepare import Prepared, check_data, data_files, prepare
-from align.render import Renderer, read_chat_template
+from align.render import Renderer
 from align.schema import MAX_SEED, setting
 from align.stage import BASE, POLICY, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
+from align.trackers import Tracker, report_to_setting, run_name
 
 if TYPE_CHECKING:
     from align.memory import ModelShape
@@ -129,7 +132,7 @@ def trainer_config(config_class: type, context: StageContext, **settings: Any) -
         f"stages.{context.name}",
         context.stage.name,
         context.output_dir / CHECKPOINTS,
-        {**trainer_arguments(context.recipe.backend), **settings},
+        {**trainer_arguments(context.recipe.backend), "run_name": run_name(context), **settings},
         context.passthrough,
     )
     join_process_group(context.recipe.backend)
@@ -152,7 +155,7 @@ def _build_trainer_config(
         )
     arguments = {
         "output_dir": str(output_dir),
-        "report_to": [],
+        "report_to": [],  # align reports the trainer's logs itself, as every stage's (align.trackers)
         "logging_nan_inf_filter": False,  # the NaN guard must see a NaN loss, not an average hiding it
         "save_total_limit": 2,
         **settings,
@@ -165,16 +168,10 @@ def _build_trainer_config(
 
 
 def train(trainer: Any, context: StageContext) -> Any:
-    """Run the trainer: metrics to JSONL and TensorBoard, resume from the last checkpoint, stop on NaN."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
+    """Run the trainer: metrics to JSONL and the stage's trackers, resume from the last checkpoint, stop on NaN."""
     metrics, guard = _callbacks(context)
     trainer.add_callback(metrics)
     trainer.add_callback(guard)
-    if is_main_process():
-        tensorboard = context.run_dir / "tensorboard" / context.name
-        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tensorboard))))
     context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
     folder = context.output_dir / CHECKPOINTS
     resume = last_checkpoint(folder, resumable=True)
@@ -187,6 +184,7 @@ def train(trainer: Any, context: StageContext) -> Any:
         logger.info("  resuming from %s", resume)
     losses = _LossLedger(trainer, resume)
     trainer.add_callback(losses)
+    save_on_this_machine(trainer.model)  # a machine with its own run folder keeps whole checkpoints too
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     guard.raise_if_tripped()
     # The trainer's own train_loss is the mean over the steps of this call only: after a resume, of the
@@ -229,7 +227,7 @@ def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - build
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             pending = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()  # every process
-            if state.is_world_process_zero:
+            if args.should_save:  # rank 0, or each machine's first process when it keeps its own run folder
                 ledger = {
                     "step": state.global_step,
                     "logged": trainer._total_loss_scalar,
@@ -252,11 +250,29 @@ def _LossLedger(trainer: Any, resume: Path | None) -> Any:  # noqa: N802 - build
 
 def save(trainer: Any, tokenizer: Any, context: StageContext) -> None:
     """Write the trained model (or adapter) and tokenizer as the stage's output; drop the checkpoints."""
+    stop_generation_at_eos(trainer.model, tokenizer)
     trainer.save_model(str(context.output_dir))  # every process: ZeRO-3 gathers the shards for it
     if is_main_process():
         tokenizer.save_pretrained(str(context.output_dir))
         shutil.rmtree(context.output_dir / CHECKPOINTS, ignore_errors=True)
         (context.output_dir / "training_args.bin").unlink(missing_ok=True)
+
+
+def stop_generation_at_eos(model: Any, tokenizer: Any) -> None:
+    """Make the model's generation config stop at the tokenizer's end-of-sequence token too.
+
+    A named chat template can make another token the end of a reply (``<|eot_id|>`` on a Llama 3 base
+    model: :meth:`align.chat_template.ChatTemplate.install`); align's engines stop at the tokenizer's token,
+    and this makes transformers' ``generate`` on the saved checkpoint stop there as well.
+    """
+    config = getattr(model, "generation_config", None)
+    eos = tokenizer.eos_token_id
+    if config is None or eos is None:
+        return
+    current = config.eos_token_id
+    ids = [] if current is None else [current] if isinstance(current, int) else list(current)
+    if eos not in ids:
+        config.eos_token_id = [*ids, eos] if ids else eos
 
 
 def _write_data_report(context: StageContext, report: dict[str, Any]) -> None:
@@ -446,8 +462,9 @@ class TrainingSettings(ModelOptions):
     on_bad_row: Literal["error", "skip"] = on_bad_row_setting()
     chat_template: str | None = setting(
         None,
-        help="A Jinja chat template (a .jinja file or the template itself) for a tokenizer that has none "
-        "or one to replace; it is saved with the checkpoint, so later stages use it too.",
+        help="A chat template for a tokenizer that has none or one to replace: the name of a registered one "
+        "(`align plugins` lists them), a .jinja file or the template itself. It is saved with "
+        "the checkpoint, so later stages use it too.",
     )
     max_length: int = setting(
         1024,
@@ -479,6 +496,7 @@ class TrainingSettings(ModelOptions):
     logging_steps: int = setting(
         5, help="Log metrics every this many steps (the NaN guard checks them too).", minimum=1
     )
+    report_to: Tracker | list[Tracker] | None = report_to_setting()
     save_steps: int = setting(
         200,
         help="Checkpoint every this many steps, so that a killed run resumes from the "
@@ -521,7 +539,8 @@ def prepare_data(context: StageContext, tokenizer: Any, kind: str, default_eval_
     """Load, render and count the stage's data as rows of the data kind ``kind`` (see :mod:`align.prepare`),
     and write its report to ``logs/<stage>.data.json``."""
     config: TrainingSettings = context.config
-    renderer = Renderer(tokenizer, config.max_length, read_chat_template(config.chat_template))
+    template = resolve_chat_template(config.chat_template, context.plugins, f"stages.{context.name}.chat_template")
+    renderer = Renderer(tokenizer, config.max_length, template)
     prepared = prepare(
         config.data,
         renderer,
@@ -613,7 +632,11 @@ class TRLStage(Stage):
         return trl_class(self.trainer_config)
 
     def data_files(self, config: Any, recipe: Recipe) -> list[Path]:
-        return data_files(config.data, recipe.dataset_dir)
+        files = data_files(config.data, recipe.dataset_dir)
+        template = Path(config.chat_template).expanduser() if config.chat_template else None
+        if template is not None and "{" not in config.chat_template and template.is_file():
+            files.append(template)  # an edited .jinja file reruns the stage, as edited data does
+        return files
 
     def check(self, config: Any, recipe: Recipe, plugins: AlignPluginManager) -> None:
         check_data(
@@ -624,7 +647,11 @@ class TRLStage(Stage):
         check_attention(config.attn_implementation, f"stages.{spec.name}")
         if config.liger_kernel:
             check_liger(f"stages.{spec.name}")
+        resolve_chat_template(config.chat_template, plugins, f"stages.{spec.name}.chat_template")
         resolve_learning_rate(config, spec, self.learning_rates)
+        check_stage_values(
+            recipe.backend, f"stages.{spec.name}", _deepspeed_values(self, config, spec, recipe), HF_FILLS
+        )
         if spec.passthrough:  # only then: building a TRL config imports TRL, which takes seconds
             self._check_passthrough(config, spec, recipe)
 
@@ -710,6 +737,49 @@ class TRLStage(Stage):
             trainer.model.delete_adapter("ref")
         save(trainer, tokenizer, context)
         return metrics
+
+
+#: transformers' defaults of the trainer options that a DeepSpeed config may set too (TRL's configs keep them).
+_TRANSFORMERS_DEFAULTS = {
+    "max_grad_norm": 1.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "weight_decay": 0.0,
+}
+
+
+def _deepspeed_values(stage: TRLStage, config: Any, spec: Any, recipe: Recipe) -> dict[str, tuple[Any, str]]:
+    """The DeepSpeed keys a TRL stage's arguments fill (as transformers' integration does), each with the
+    stage's value and where that comes from, for :func:`~align.backend_files.check_stage_values`."""
+    key = f"stages.{spec.name}"
+    own = {**stage.trainer_settings(config), **spec.passthrough}
+
+    def option(name: str) -> tuple[Any, str]:
+        if name in spec.passthrough:
+            return spec.passthrough[name], f"{key}.{name}"
+        if name in own:
+            return own[name], f"the {stage.name} stage's {name}"
+        return _TRANSFORMERS_DEFAULTS[name], f"transformers' default {name}"
+
+    world = recipe.backend.world_size
+    batch, accumulation = f"{key}.batch_size", f"{key}.gradient_accumulation_steps"
+    learning_rate = (config.learning_rate, f"{key}.learning_rate")
+    (beta1, where1), (beta2, where2) = option("adam_beta1"), option("adam_beta2")
+    return {
+        "train_micro_batch_size_per_gpu": (config.batch_size, batch),
+        "gradient_accumulation_steps": (config.gradient_accumulation_steps, accumulation),
+        "train_batch_size": (
+            config.batch_size * config.gradient_accumulation_steps * world,
+            f"{batch} × {accumulation} × {world} process(es)",
+        ),
+        "gradient_clipping": option("max_grad_norm"),
+        "optimizer.params.lr": learning_rate,
+        "scheduler.params.warmup_max_lr": learning_rate,
+        "optimizer.params.betas": ([beta1, beta2], f"[{where1}, {where2}]"),
+        "optimizer.params.eps": option("adam_epsilon"),
+        "optimizer.params.weight_decay": option("weight_decay"),
+    }
 
 
 class PretokenizedPairs:

@@ -24,6 +24,7 @@ from align.model_options import check_attention
 from align.rollout import check_engine, engine_named
 from align.schema import setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Artifact, Input, Stage, StageContext
+from align.trackers import Tracker, report_to_setting
 
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
@@ -38,6 +39,7 @@ class EvalStageSettings(EvalSettings):
     max_kl: float | None = setting(
         None, help="Fail the run if a policy's KL to the reference is above this.", minimum=0
     )
+    report_to: Tracker | list[Tracker] | None = report_to_setting()
 
 
 #: The gates: setting → (the metric it reads, whether the metric must be at least the setting, wording).

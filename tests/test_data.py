@@ -73,10 +73,12 @@ def test_a_user_registry_is_searched_first(tmp_path):
     assert resolve("demo_sft", dataset_dirs(str(tmp_path))).path == tmp_path / "mine.json"
 
 
-def test_a_hub_entry_is_refused_with_what_to_do(tmp_path):
-    write_json(tmp_path / "dataset_info.json", {"remote": {"hf_hub_url": "org/data"}})
-    with pytest.raises(AlignError, match="loads from hf_hub_url; align reads local files only") as info:
+def test_an_entry_from_a_hub_align_cannot_reach_is_refused_with_what_to_do(tmp_path):
+    # hf_hub_url entries load (tests/test_hub_data.py); ModelScope's do not.
+    write_json(tmp_path / "dataset_info.json", {"remote": {"ms_hub_url": "org/data"}})
+    with pytest.raises(AlignError, match="entry 'remote' loads from ModelScope") as info:
         resolve("remote", [tmp_path])
+    assert "give the entry the dataset's `hf_hub_url`" in str(info.value)
     assert "give the entry a `file_name`" in str(info.value)
 
 

@@ -32,6 +32,8 @@ REGISTERS = {
     "cpo": {"stage": ["cpo"]},
     "prune": {"stage": ["prune"]},
     "shp": {"dataset format": ["shp"]},
+    "vicuna": {"chat template": ["vicuna"]},
+    "rows_file": {"tracker": ["rows_file"]},
     "demonstrations": {"stage": ["imitate"], "data kind": ["demonstrations"]},
     "distinct_words": {"reward function": ["distinct_words"]},
     "one_by_one": {"rollout engine": ["one_by_one"]},
@@ -295,6 +297,25 @@ def test_the_data_kind_keeps_conversations_and_turns_pairs_into_them(pm):
     assert as_kind(pairs, kind, pm, "demo_pref")[0].messages == [user, good]
     with pytest.raises(AlignError, match="dataset 'demo_pref' holds preferences, but this stage trains on conv"):
         as_kind(pairs, pm.get("data kind", "conversations"), pm, "demo_pref")  # the built-in sft's kind
+
+
+def test_the_tracker_appends_the_run_and_every_row_to_its_file(pm, tmp_path):
+    from types import SimpleNamespace
+
+    from align.trackers import RunIdentity
+
+    identity = RunIdentity("run/prune", "run", "prune", "prune", "f1", tmp_path)
+    run = pm.get("tracker", "rows_file").open(SimpleNamespace(run_dir=tmp_path, name="prune"), identity)
+    run.log({"loss": 0.5}, 1)
+    run.log({"sparsity": 0.3}, 1)
+    run.close("finished")
+    rows = [json.loads(line) for line in (tmp_path / "rows" / "prune.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"run": "run/prune", "fingerprint": "f1"},
+        {"step": 1, "loss": 0.5},
+        {"step": 1, "sparsity": 0.3},
+        {"status": "finished"},
+    ]
 
 
 def test_the_reward_function_scores_repetition(pm):

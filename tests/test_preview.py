@@ -96,6 +96,6 @@ def test_a_chat_template_from_a_file_or_given_as_text_renders_the_rows(tmp_path)
 
 
 def test_a_chat_template_file_that_is_not_there_is_refused_before_any_work(tmp_path):
-    with pytest.raises(AlignError, match=r"--chat-template nope\.jinja: no such file") as error:
+    with pytest.raises(AlignError, match=r"--chat-template: nope\.jinja: no such file") as error:
         _preview(tmp_path / "never read.jsonl", chat_template="nope.jinja")
     assert error.value.hint and "template itself" in error.value.hint

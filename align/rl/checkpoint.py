@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.backend import is_main_process
+
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoints", "RLState"]
 
 #: The version of the layout above; a checkpoint of another version is skipped, not misread.
@@ -59,7 +61,7 @@ class Checkpoints:
         accelerator = self.accelerator
         final = self.folder / f"step-{state.step}"
         partial = self.folder / f"{PARTIAL}step-{state.step}"
-        if accelerator.is_main_process:
+        if is_main_process():  # rank 0, or each machine's first one when it keeps its own run folder
             shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
@@ -68,7 +70,7 @@ class Checkpoints:
         # restore them: these are listed in the state file and checked.
         torch.save({**process_state, **_random_state()}, partial / f"align_process_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()  # every process's files exist before the state file lists them
-        if accelerator.is_main_process:
+        if is_main_process():
             state.files = {
                 str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()
             }

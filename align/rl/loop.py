@@ -27,16 +27,19 @@ with its own defaults (``advantage_estimator`` first among them).
 from __future__ import annotations
 
 import math
+import os
 import random
 import statistics
 import time
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from align import memory
+from align.backend import is_main_process, save_on_this_machine
+from align.backend_files import RL_FILLS, check_stage_values
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import PROMPTS
@@ -50,6 +53,7 @@ from align.rollout import check_engine, engine_named
 from align.schema import MAX_SEED, build, setting
 from align.stage import BASE, POLICY, REWARD_MODEL, Input, Stage, StageContext
 from align.task_score import ScoreSettings, check_score, score_setting
+from align.trackers import Tracker, report_to_setting
 
 __all__ = ["OnlineRLSettings", "OnlineRLStage"]
 
@@ -154,6 +158,7 @@ class OnlineRLSettings(ModelOptions):
         False, help="Leave out of the update the groups whose rewards are all equal: they carry no signal."
     )
     logging_steps: int = setting(1, help="Log metrics every this many iterations.", minimum=1)
+    report_to: Tracker | list[Tracker] | None = report_to_setting()
     save_steps: int = setting(20, help="Checkpoint every this many iterations, for resuming (0: never).", minimum=0)
     seed: int = setting(42, help="Seed of prompt order, sampling and initialisation.", minimum=0, maximum=MAX_SEED)
     offload_frozen_models: bool = offload_setting()
@@ -177,6 +182,20 @@ class OnlineRLStage(Stage):
     def data_files(self, config: OnlineRLSettings, recipe: Any) -> list[Path]:
         return data_files(config.data, recipe.dataset_dir)
 
+    @staticmethod
+    def _check_fsdp_launch(backend: Any, key: str) -> None:
+        """The loop's Accelerator takes FSDP from `accelerate launch`'s environment, which torchrun, srun
+        and mpirun do not set: under them it would train plain DDP, each process holding the whole model."""
+        from align.launchers import outside_launcher
+
+        launcher = outside_launcher()
+        if backend.kind == "fsdp" and launcher is not None and os.environ.get("ACCELERATE_USE_FSDP") != "true":
+            raise AlignError(
+                f"{key}: the online-RL loop runs FSDP under align's own launch or `accelerate launch --use_fsdp`, "
+                f"not under {launcher.name}",
+                hint="let `align run` launch the processes itself, or start them with accelerate launch --use_fsdp",
+            )
+
     def check(self, config: OnlineRLSettings, recipe: Any, plugins: Any) -> None:
         spec = recipe.spec_of(config)
         key = f"stages.{spec.name}"
@@ -199,6 +218,7 @@ class OnlineRLStage(Stage):
                 hint="give it a reward_model (a reward-model stage) or reward_functions, or both",
             )
         resolve_reward_functions(config.reward_functions, plugins, f"{key}.reward_functions")
+        self._check_fsdp_launch(recipe.backend, key)
         check_data(config.data, plugins, kind=PROMPTS, dataset_dir=recipe.dataset_dir, on_bad_row=config.on_bad_row)
         estimator = plugins.get("advantage estimator", config.advantage_estimator)
         build(estimator.Config, config.estimator_options, f"{key}.estimator_options")
@@ -216,6 +236,7 @@ class OnlineRLStage(Stage):
         check_attention(config.attn_implementation, key)
         resolve_learning_rate(config, spec, self.learning_rates)
         check_score(config.score, plugins, recipe)
+        check_stage_values(recipe.backend, key, _deepspeed_values(config, key, recipe.backend), RL_FILLS, True)
 
     def memory(self, config: OnlineRLSettings, spec: Any, recipe: Any, plugins: Any, shape: ModelShape) -> list[Need]:
         backend = recipe.backend
@@ -319,7 +340,7 @@ class OnlineRL:
             self.session.sync(self._policy())
             stats["step_seconds"] = time.perf_counter() - started
             self.history["reward"].append(stats["reward"])
-            if (step + 1) % config.logging_steps == 0 and self.accelerator.is_main_process:
+            if (step + 1) % config.logging_steps == 0 and is_main_process():
                 self.context.log_metrics(stats, step=step + 1)
                 self._report(step + 1, stats)
             saving = bool(config.save_steps) and (step + 1) % config.save_steps == 0 and step + 1 < config.steps
@@ -344,28 +365,50 @@ class OnlineRL:
     def _setup_accelerator(self) -> None:
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, set_seed
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DeepSpeedPlugin, DistributedType, ProjectConfiguration, set_seed
 
-        from align.backend import join_process_group, trainer_arguments
+        from align.backend import join_process_group, own_run_folders
+        from align.backend_files import HIDDEN_SIZE_KEYS, deepspeed_config, fill_auto, hidden_size_fills
         from align.rl.checkpoint import Checkpoints
 
         backend = self.context.recipe.backend
+        cpu = not torch.cuda.is_available()
         plugin = None
         if backend.kind == "deepspeed":
-            ds_config = trainer_arguments(backend)["deepspeed"]
-            # Accumulation over micro-batches is driven by the loop (accelerator.sync_gradients), so
-            # DeepSpeed itself accumulates nothing and scales nothing.
-            micro = self.config.micro_batch_size or self.mini_batch_size
-            ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1)
-            ds_config.pop("train_batch_size")
-            ds_config["gradient_clipping"] = 1.0
-            ds_config["bf16"] = {"enabled": backend.precision == "bf16"}
-            ds_config["fp16"] = {"enabled": backend.precision == "fp16"}
+            # The user's config (backend.deepspeed) or align's, its "auto" values filled from the loop's
+            # settings, as transformers fills them from a TRL stage's.
+            values = {key: value for key, (value, _) in _deepspeed_values(self.config, "", backend).items()}
+            ds_config = fill_auto(deepspeed_config(backend), values)
+            if any(ds_config["zero_optimization"].get(k.split(".")[1]) == "auto" for k in HIDDEN_SIZE_KEYS):
+                from transformers import AutoConfig
+
+                hidden = AutoConfig.from_pretrained(self.context.inputs["policy"].path).hidden_size
+                ds_config = fill_auto(ds_config, hidden_size_fills(hidden))
+            if own_run_folders():  # each machine writes its checkpoints' shared files too
+                ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
             plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+            # An earlier stage in this process left accelerate's state, its DeepSpeed plugin included, and a
+            # second Accelerator may not bring one of its own: start afresh, as transformers does for each
+            # trainer (the process group stays). Then set the processes up on the CPU when there is no GPU,
+            # as transformers does: an Accelerator told cpu=True leaves the DeepSpeed plugin out, and
+            # would silently train plain DDP instead.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            if cpu:
+                PartialState(cpu=True, backend="gloo")
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[backend.precision]
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=precision, deepspeed_plugin=plugin
+            cpu=cpu and plugin is None,
+            mixed_precision=precision,
+            deepspeed_plugin=plugin,
+            project_config=ProjectConfiguration(save_on_each_node=own_run_folders()),
         )
+        if plugin is not None and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            raise AlignError(
+                f"stage '{self.context.name}': accelerate did not take the DeepSpeed config (it runs "
+                f"{self.accelerator.distributed_type}); align will not train without it",
+                hint="report this with your accelerate version",
+            )
         join_process_group(backend)
         self.checkpoints = Checkpoints(
             self.context.output_dir / "checkpoints", self.accelerator, self.context.logger.info
@@ -507,7 +550,10 @@ class OnlineRL:
         asked = [decode(p.ids, skip_special_tokens=True) for p in prompts]  # once per prompt, not per response
         prompt_texts = [text for text in asked for _ in range(config.num_generations)]
         response_texts = [decode(r, skip_special_tokens=True) for r in generated]
-        with on_device(self.frozen_models, self.device, offload=config.offload_frozen_models):
+        with (
+            on_device(self.frozen_models, self.device, offload=config.offload_frozen_models),
+            self._whole(self.frozen_models),
+        ):
             if self.reference is not None:
                 batch.ref_logprobs = self.reference.logprobs(batch, config.temperature, chunk, policy=self._policy())
             scores = self.scorer(batch, prompt_texts, response_texts, columns_of(rows))
@@ -629,6 +675,17 @@ class OnlineRL:
         return loss, parts
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _whole(self, models: list[Any]) -> AbstractContextManager[Any]:
+        """Under ZeRO-3 every model loaded once the DeepSpeed config is made comes partitioned, the frozen
+        ones too, and they have no engine whose hooks gather their weights for a forward pass: gather them
+        (in every process, for the block; as TRL does for generation) while they score."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.accelerator.distributed_type == "DEEPSPEED" else None
+        if plugin is None or plugin.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for m in models if m is not None for p in m.parameters()])
+
     def _policy(self) -> Any:
         return self.accelerator.unwrap_model(self.model).policy
 
@@ -728,12 +785,35 @@ class OnlineRL:
         self.accelerator.wait_for_everyone()
         policy = self._policy()
         state = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards on every process
-        if self.accelerator.is_main_process:
+        if is_main_process():  # rank 0, or each machine's first process when it keeps its own run folder
+            save_on_this_machine(policy)
             policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
             policy.save_pretrained(self.context.output_dir, state_dict=policy_state)
             self.tokenizer.save_pretrained(self.context.output_dir)
             self.checkpoints.remove()
         self.accelerator.wait_for_everyone()
+
+
+def _deepspeed_values(config: OnlineRLSettings, key: str, backend: Any) -> dict[str, tuple[Any, str]]:
+    """The DeepSpeed keys the loop fills, each with its value and where that comes from: the loop drives
+    accumulation over micro-batches itself (accelerator.sync_gradients), so DeepSpeed accumulates nothing
+    and scales nothing, and clips at the loop's norm."""
+    responses = config.batch_size * config.num_generations
+    micro = config.micro_batch_size or config.mini_batch_size or responses
+    if config.micro_batch_size:
+        where = f"{key}.micro_batch_size"
+    elif config.mini_batch_size:
+        where = f"{key}.mini_batch_size (micro_batch_size is not set)"
+    else:
+        where = f"{key}.batch_size × num_generations (neither mini_batch_size nor micro_batch_size is set)"
+    return {
+        "train_micro_batch_size_per_gpu": (micro, where),
+        "gradient_accumulation_steps": (1, "DeepSpeed's accumulation in the online-RL loop (which accumulates itself)"),
+        "train_batch_size": (micro * backend.world_size, f"{where} × {backend.world_size} process(es)"),
+        "gradient_clipping": (1.0, "the online-RL loop's clipping norm"),
+        "bf16.enabled": (backend.precision == "bf16", "backend.precision"),
+        "fp16.enabled": (backend.precision == "fp16", "backend.precision"),
+    }
 
 
 def _train_without_dropout(model: Any) -> None:
