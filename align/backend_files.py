@@ -248,20 +248,11 @@ def _read_yaml(path: str, key: str) -> tuple[dict[str, Any], dict[str, int]]:
     """An accelerate config's content, and the line of each (dotted) key."""
     import yaml
 
-    from align.recipe import DuplicateKeyError, RecipeLoader
+    from align.recipe import parse_yaml
 
     text = _text(path, key, "accelerate config (the YAML file `accelerate config` writes)")
-    try:
-        data = yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader that refuses duplicate keys
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except DuplicateKeyError as error:
-        raise AlignError(f"{key}: {path}: {error}", hint=error.hint) from None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise AlignError(f"{key}: {path}: invalid YAML at {at}: {error.problem}") from None
-    except yaml.YAMLError as error:
-        raise AlignError(f"{key}: {path}: cannot be read as YAML: {error}") from None
+    data = parse_yaml(text, f"{key}: {path}")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)  # for the keys' lines; it parsed above
     if not isinstance(data, dict):
         raise AlignError(f"{key}: {path}: expected a mapping (an accelerate config, as `accelerate config` writes it)")
     lines: dict[str, int] = {}

@@ -227,18 +227,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AlignError(f"recipe {path}: no such file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
-    except DuplicateKeyError as error:
-        raise AlignError(f"recipe {path}: {error}", hint=error.hint) from None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise AlignError(f"recipe {path}: invalid YAML at {where}: {error.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
         raise AlignError(f"recipe {path}: cannot be read as YAML: {error}") from None
+    data = parse_yaml(text, f"recipe {path}")
     if not isinstance(data, dict):
         raise AlignError(f"recipe {path}: expected a mapping with `model:` and `stages:` at the top")
     return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` read safely, refusing duplicate keys; errors start with ``where`` and give line and column."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader that refuses duplicate keys
+    except DuplicateKeyError as error:
+        raise AlignError(f"{where}: {error}", hint=error.hint) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise AlignError(f"{where}: invalid YAML at {at}: {error.problem}") from None
+    except yaml.YAMLError as error:
+        raise AlignError(f"{where}: cannot be read as YAML: {error}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
