@@ -35,8 +35,9 @@ from align.data import DataSource
 from align.errors import AlignError
 from align.model_options import Attention, attention_setting, loading_kwargs
 from align.plugin_manager import AlignPluginManager
+from align.progress import Progress
 from align.reward import columns_of
-from align.rollout import RolloutEngine, Sampling, engine_named
+from align.rollout import RolloutEngine, Sampling, engine_named, generate_in_chunks
 from align.schema import MAX_SEED, check_bounds, setting, to_plain
 
 __all__ = [
@@ -174,14 +175,17 @@ class EvalRun:
             self._cache[(path, kind)] = model
         return self._cache[(path, kind)]
 
-    def generate(self, path: str, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
-        """The responses (token ids) of the model at ``path`` to ``prompts``, through the run's engine."""
+    def generate(
+        self, path: str, prompts: Sequence[Sequence[int]], sampling: Sampling, bar: Progress | None = None
+    ) -> list[list[int]]:
+        """The responses (token ids) of the model at ``path`` to ``prompts``, through the run's engine;
+        ``bar`` advances as they come (:func:`align.rollout.generate_in_chunks`)."""
         engine = self.engine or engine_named(self.plugins, self.settings.engine)
         options = engine.Config()
         engine.check(options)
         session = engine.start(self.model(path), path, self.tokenizer, options)
         try:
-            return session.generate(prompts, sampling)
+            return generate_in_chunks(session, prompts, sampling, bar)
         finally:
             session.close()
 
@@ -207,8 +211,12 @@ def evaluate_models(
     settings: EvalSettings,
     plugins: AlignPluginManager,
     dataset_dir: str | None = None,
+    label: str = "eval",
 ) -> dict[str, Any]:
-    """Evaluate ``models`` (name → checkpoint) against ``reference``; returns the results document."""
+    """Evaluate ``models`` (name → checkpoint) against ``reference``; returns the results document.
+
+    :param label: what its progress bars are called (the stage's name).
+    """
     from transformers import AutoTokenizer
 
     from align.artifacts import tokenizer_identity
@@ -242,13 +250,15 @@ def evaluate_models(
         engine,
     )
     under_test = {name: ModelUnderTest(name, path) for name, path in models.items()}
-    for model in [run.reference, *under_test.values()]:
-        if model.responses:
-            continue
-        _generate(run, model)
-        for twin in under_test.values():  # a model given twice (or the reference itself) generates once
-            if twin.path == model.path and not twin.responses:
-                twin.responses, twin.texts = model.responses, model.texts
+    generating = len({model.path for model in [run.reference, *under_test.values()]})
+    with Progress(f"{label} generating", generating * len(prompt_ids), "responses") as bar:
+        for model in [run.reference, *under_test.values()]:
+            if model.responses:
+                continue
+            _generate(run, model, bar)
+            for twin in under_test.values():  # a model given twice (or the reference itself) generates once
+                if twin.path == model.path and not twin.responses:
+                    twin.responses, twin.texts = model.responses, model.texts
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "settings": {**to_plain(settings), "engine": engine.name},
@@ -258,27 +268,31 @@ def evaluate_models(
         "models": {},
     }
     applying = [e for e in evaluators if e.applies(run)]
-    for name, model in under_test.items():
-        logger.info("evaluating %s", name)
-        entry: dict[str, Any] = {"path": model.path, "metrics": {}, "samples": {}}
-        for evaluator in applying:
-            for row in _rows(evaluator, evaluator.evaluate(run, model)):
-                if row.name in entry["metrics"]:
-                    raise AlignError(
-                        f"evaluators '{entry['metrics'][row.name]['evaluator']}' and '{evaluator.name}' both "
-                        f"report a metric named '{row.name}'",
-                        hint="metric names are unique per model: rename one, or run one of the evaluators "
-                        "(`evaluators:`)",
-                    )
-                entry["metrics"][row.name] = row.stored(evaluator.name)
-                if row.samples is not None:
-                    entry["samples"][row.name] = [float(v) for v in row.samples]
-        entry["examples"] = [
-            {"prompt": prompt, "response": text}
-            for prompt, text in list(zip(run.prompt_texts, model.texts, strict=True))[:5]
-        ]
-        results["models"][name] = entry
+    with Progress(f"{label} measuring", len(under_test), "models") as bar:
+        for name, model in under_test.items():
+            logger.debug("evaluating %s", name)
+            results["models"][name] = _measure(run, model, applying)
+            bar.update(advance=1)
     return results
+
+
+def _measure(run: EvalRun, model: ModelUnderTest, evaluators: Sequence[Evaluator]) -> dict[str, Any]:
+    """``model``'s entry in the results: every applying evaluator's rows, and a few of its answers."""
+    entry: dict[str, Any] = {"path": model.path, "metrics": {}, "samples": {}}
+    for evaluator in evaluators:
+        for row in _rows(evaluator, evaluator.evaluate(run, model)):
+            if row.name in entry["metrics"]:
+                raise AlignError(
+                    f"evaluators '{entry['metrics'][row.name]['evaluator']}' and '{evaluator.name}' both "
+                    f"report a metric named '{row.name}'",
+                    hint="metric names are unique per model: rename one, or run one of the evaluators (`evaluators:`)",
+                )
+            entry["metrics"][row.name] = row.stored(evaluator.name)
+            if row.samples is not None:
+                entry["samples"][row.name] = [float(v) for v in row.samples]
+    answers = list(zip(run.prompt_texts, model.texts, strict=True))[:5]
+    entry["examples"] = [{"prompt": prompt, "response": text} for prompt, text in answers]
+    return entry
 
 
 def _rows(evaluator: Evaluator, rows: Any) -> list[Metric]:
@@ -304,7 +318,7 @@ def _evaluators(plugins: AlignPluginManager, settings: EvalSettings) -> list[Eva
     return [plugins.get("evaluator", name) for name in names]
 
 
-def _generate(run: EvalRun, model: ModelUnderTest) -> None:
+def _generate(run: EvalRun, model: ModelUnderTest, bar: Progress) -> None:
     settings = run.settings
     sampling = Sampling(
         max_new_tokens=settings.max_new_tokens,
@@ -312,7 +326,7 @@ def _generate(run: EvalRun, model: ModelUnderTest) -> None:
         greedy=settings.temperature == 0,
         seed=settings.seed,
     )
-    model.responses = run.generate(model.path, run.prompts, sampling)
+    model.responses = run.generate(model.path, run.prompts, sampling, bar)
     model.texts = [run.tokenizer.decode(r, skip_special_tokens=True) for r in model.responses]
 
 

@@ -276,7 +276,15 @@ def format_plan(shape: ModelShape | None, plans: Sequence[StagePlan], device: De
     """The plan as text: per stage its total on the device against the device, and (``detail``) each need."""
     if shape is None:  # `align run` says nothing then; `align plan` says why
         return "memory plan: not estimated (the model source does not tell the model's shape)" if detail else ""
-    lines = [f"memory plan, per process, against {device.label}: {shape.parameters / 1e6:.1f}M-parameter model"]
+    model = f"{shape.parameters / 1e6:.1f}M-parameter model"
+    estimated = [plan for plan in plans if plan.needs is not None]
+    if not detail and estimated and all(plan.on_device <= device.bytes for plan in estimated):
+        largest = max(estimated, key=lambda plan: plan.on_device)
+        return (
+            f"memory plan: every stage fits {device.label}, {model} (the most: {largest.stage}, "
+            f"{describe_bytes(largest.on_device)}, {largest.on_device / device.bytes:.1%}; `align plan` for details)"
+        )
+    lines = [f"memory plan, per process, against {device.label}: {model}"]
     width = max(len(plan.stage) for plan in plans)
     for plan in plans:
         if plan.needs is None:

@@ -51,7 +51,7 @@ REGISTRIES = {
 }
 
 #: Plugins that are part of the core rather than extensions: registered directly, never blockable.
-ESSENTIAL_PLUGINS = ("align.runner", "align.kinds")
+ESSENTIAL_PLUGINS = ("align.runner", "align.kinds", "align.plots")
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,11 @@ def get_plugin_manager(
     :param plugins_dir: a folder whose ``*.py`` files are loaded as plugins (``--plugins-dir``).
     :param entry_points: load the ``align`` entry-point group (off only in tests of the other paths).
     """
+    blocked = {m[3:] for m in modules if m.startswith("no:")}
+    _check_blockable(blocked, modules, plugins_dir)
     pm = AlignPluginManager()
     for name in ESSENTIAL_PLUGINS:
         pm.add_plugin(importlib.import_module(name), name, PluginOrigin("core", name))
-    blocked = {m[3:] for m in modules if m.startswith("no:")}
     for name in blocked:
         pm.set_blocked(name)
     if entry_points:
@@ -190,6 +191,30 @@ def get_plugin_manager(
         for path in _plugin_files(Path(plugins_dir)):
             pm.add_plugin(_import_file(path), path.stem, PluginOrigin("plugins-dir", str(path)))
     return pm
+
+
+def _check_blockable(blocked: set[str], modules: Sequence[str], plugins_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse ``-p no:NAME`` for a name no plugin has: a typo would otherwise block nothing, silently.
+    The core's own plugins cannot be blocked: pluggy would unregister them and the runner would be gone."""
+    if not blocked:
+        return
+    known = {ep.name for ep in importlib.metadata.entry_points(group="align")}  # names only: nothing imported
+    known.update(m for m in modules if not m.startswith("no:"))
+    if plugins_dir is not None and Path(plugins_dir).is_dir():
+        known.update(path.stem for path in _plugin_files(Path(plugins_dir)))
+    for name in sorted(blocked):
+        if not name:
+            raise AlignError("-p no: is missing the name of the plugin to block", hint="`align plugins` lists them")
+        if name in ESSENTIAL_PLUGINS:
+            raise AlignError(
+                f"-p no:{name}: '{name}' is part of align's core and cannot be blocked",
+                hint="block the plugins that register what you want to leave out (`align plugins` lists them)",
+            )
+        if name not in known:
+            raise AlignError(
+                f"-p no:{name}: no plugin is named '{name}'{did_you_mean(name, known)}",
+                hint="`align plugins` lists the plugins by name (its PLUGIN column)",
+            )
 
 
 def _load_entry_points(pm: AlignPluginManager, only_align: bool) -> None:

@@ -17,9 +17,10 @@ from align.schema import build
 if TYPE_CHECKING:
     from align.memory import ModelShape, Need
     from align.plugin_manager import AlignPluginManager
+    from align.progress import Progress
     from align.recipe import Recipe
 
-__all__ = ["RolloutEngine", "RolloutSession", "Sampling", "check_engine", "engine_named"]
+__all__ = ["RolloutEngine", "RolloutSession", "Sampling", "check_engine", "engine_named", "generate_in_chunks"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,25 @@ def engine_named(plugins: AlignPluginManager, name: str | None) -> RolloutEngine
     if name is not None:
         return plugins.get("rollout engine", name)  # type: ignore[no-any-return]
     return plugins.fallback("rollout engine", "`engine:`")  # type: ignore[no-any-return]
+
+
+def generate_in_chunks(
+    session: RolloutSession, prompts: Sequence[Sequence[int]], sampling: Sampling, bar: Progress | None = None
+) -> list[list[int]]:
+    """``session.generate`` over ``prompts`` a chunk at a time, advancing ``bar`` by each chunk's prompts.
+
+    About ten chunks of at least 16 prompts: a bar that moves, and batches still large enough to keep an
+    engine busy. Chunk ``i`` samples with ``sampling.seed`` plus the index of its first prompt, so that an
+    engine seeding each prompt by its position (vllm) samples exactly as in one call, and the answers do
+    not depend on whether anyone watches.
+    """
+    import dataclasses
+
+    size = max(16, -(-len(prompts) // 10))
+    responses: list[list[int]] = []
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start : start + size]
+        responses += session.generate(chunk, dataclasses.replace(sampling, seed=sampling.seed + start))
+        if bar is not None:
+            bar.update(advance=len(chunk))
+    return responses

@@ -5,6 +5,8 @@ The run directory::
     runs/<recipe>/
       recipe.yaml          the resolved recipe, as run
       summary.json         the run's status and each stage's status, time and headline metrics
+      report.html          the run at a glance: recipe, stages, data, curves, evaluation (align.run_report)
+      plots/<stage>.png    the stage's curves, drawn as it trains (align.plots)
       logs/run.log         everything the run logged, tracebacks of failures included
       logs/<stage>.metrics.jsonl
       tensorboard/<stage>/ the stage's TensorBoard events (and mlruns/, wandb/: see align.plugins.trackers)
@@ -60,8 +62,10 @@ from align.backend import (
     share,
     wait_for_everyone,
 )
+from align.console import capture
 from align.errors import AlignError
 from align.plugin_manager import AlignPluginManager
+from align.progress import headline
 from align.recipe import Recipe, StageSpec
 from align.schema import did_you_mean
 from align.stage import BASE, Artifact, StageContext, StageOutcome
@@ -141,11 +145,17 @@ def run_recipe(
     run_dir: Path | None = None,
     force: Sequence[str] = (),
     cache_dir: Path | None = None,
+    verbose: bool = False,
 ) -> RunSummary:
     """Run every stage of ``recipe`` that is not cached; returns the summary (also on failure).
 
+    While it runs, what libraries print goes to ``logs/run.log`` only (:func:`align.console.capture`),
+    and the terminal shows align's own lines and a progress bar per stage.
+
     :param force: stage names to run even when their output is up to date.
     :param cache_dir: where model sources keep built models (default: ``$ALIGN_HOME`` or ~/.cache/align).
+    :param verbose: show what libraries print on the terminal too, and align's debug lines (every logged
+        row of metrics).
     """
     for name in force:
         if name not in recipe.stages:
@@ -155,7 +165,7 @@ def run_recipe(
             )
     run_dir = Path(run_dir or default_run_dir(recipe))
     with contextlib.ExitStack() as held:
-        _open_run_dir(run_dir, recipe, held)
+        _open_run_dir(run_dir, recipe, held, verbose)
         summary = RunSummary(str(run_dir), str(recipe.path) if recipe.path else None)
         summary.stages = {name: StageOutcome("pending") for name in recipe.stages}
         runner = _Runner(recipe, pm, run_dir, set(force), cache_dir or align_home() / "models", summary)
@@ -170,10 +180,23 @@ def run_recipe(
         finally:
             summary.write()
             pm.hook.align_run_finished(summary=summary)
+            _write_report(run_dir, pm)
     return summary
 
 
-def _open_run_dir(run_dir: Path, recipe: Recipe, held: contextlib.ExitStack) -> None:
+def _write_report(run_dir: Path, pm: AlignPluginManager) -> None:
+    """The run's report.html, however the run ended; a report that cannot be written costs a warning."""
+    from align.run_report import write_run_report
+
+    if not is_main_process():
+        return
+    try:
+        logger.debug("wrote %s", write_run_report(run_dir, pm))
+    except Exception as error:  # noqa: BLE001 - the run's outcome stands; `align report` can try again
+        logger.warning("could not write %s: %s: %s", run_dir / "report.html", type(error).__name__, error)
+
+
+def _open_run_dir(run_dir: Path, recipe: Recipe, held: contextlib.ExitStack, verbose: bool = False) -> None:
     """Lock, create and start writing the run folder, every process of the run agreeing.
 
     One process takes the run folder's lock: this one when it runs alone, or rank 0 when an outside
@@ -206,7 +229,9 @@ def _open_run_dir(run_dir: Path, recipe: Recipe, held: contextlib.ExitStack) -> 
         if is_main_process():
             recipe_text = yaml.safe_dump(recipe.to_plain(), sort_keys=False)
             (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-        held.enter_context(_run_log(run_dir / "logs" / "run.log"))
+        rank = int(os.environ.get("RANK", "0"))
+        label = f"rank {rank}" if rank else ""
+        held.enter_context(capture(run_dir / "logs" / "run.log", is_main_process(), verbose, label))
     except AlignError as error:
         problem = error
     except OSError as error:  # before any work: say what is wrong with the folder (exit 2)
@@ -458,12 +483,13 @@ class _Runner:
                 manifest = self.execute(context, fp, final_dir, data_files)
                 outcome.status, outcome.metrics = "done", dict(manifest["metrics"])
                 outcome.artifact = str(final_dir)
+                shown = headline(outcome.metrics, spec.stage.key_metrics)
                 logger.info(
                     "%s %s: done in %.1f s%s",
                     counter,
                     spec.name,
                     time.perf_counter() - started,
-                    _headline(outcome.metrics),
+                    f" ({shown})" if shown else "",
                 )
             self.artifacts[spec.name] = Artifact(spec.name, manifest["artifact_id"], str(final_dir), manifest)
             self.summary.artifact_ids[spec.name] = manifest["artifact_id"]
@@ -631,35 +657,3 @@ def _check_metrics(stage: str, metrics: Any) -> dict[str, float]:
     if not isinstance(metrics, Mapping) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise AlignError(f"stage '{stage}' returned {metrics!r}; a stage returns a mapping of metric name → number")
     return {str(k): float(v) for k, v in metrics.items()}
-
-
-def _headline(metrics: Mapping[str, float]) -> str:
-    first = [k for k in ("task_score",) if k in metrics]  # what a user looks for first, when there is one
-    keys = first + [k for k in metrics if k not in first]
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys[:4])
-    return f" ({shown})" if shown else ""
-
-
-class _RunLogHandler(logging.FileHandler):
-    def handleError(self, record: logging.LogRecord) -> None:
-        # On a full disk the log cannot be written either; the terminal still shows the message, which
-        # logging's own traceback for each line it could not write would only bury.
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handleError(record)
-
-
-@contextlib.contextmanager
-def _run_log(path: Path) -> Iterator[None]:
-    """Send everything align logs, tracebacks of failures included, to the run's log file."""
-    if not is_main_process():
-        yield
-        return
-    handler = _RunLogHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        handler.close()

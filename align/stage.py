@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from align.memory import ModelShape, Need
     from align.peft_method import PeftChoice
     from align.plugin_manager import AlignPluginManager
+    from align.progress import Progress
     from align.recipe import Recipe, StageSpec
 
 __all__ = ["BASE", "POLICY", "REWARD_MODEL", "Artifact", "Input", "Stage", "StageContext", "StageOutcome"]
@@ -125,6 +126,11 @@ class Stage:
     * ``passthrough``: ``"module:Class"`` of a dataclass (a TRL config) whose fields a recipe may also set
       on this stage; they reach the stage as ``context.passthrough``, so a new trainer option works without
       a new release of align.
+    * ``key_metrics``: the few metrics that say how the stage goes, in order. Its progress bar shows them
+      (from what it gives the bar) and its headline, when it ends, shows them from the metrics it returned:
+      there ``loss`` stands for ``first_loss`` → ``last_loss``, ``reward`` for ``reward_first`` →
+      ``reward_last``, ``task_score`` for ``task_score_before`` → ``task_score``, and a held-out
+      ``eval_<name>`` is preferred to ``<name>`` (see :func:`align.progress.headline`).
     """
 
     name: ClassVar[str]
@@ -133,6 +139,7 @@ class Stage:
     produces: ClassVar[str | None] = None
     version: ClassVar[str] = "1"
     passthrough: ClassVar[str | None] = None
+    key_metrics: ClassVar[tuple[str, ...]] = ()
 
     def data_files(self, config: Any, recipe: Recipe) -> Sequence[Path]:
         """The files the stage will read, hashed into its fingerprint so that edited data reruns it."""
@@ -198,12 +205,23 @@ class StageContext:
         return self.run_dir / "logs" / f"{self.name}.metrics.jsonl"
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Record metrics: one JSON line in ``logs/<stage>.metrics.jsonl``, then ``align_metrics_logged``."""
+        """Record metrics: one JSON line in ``logs/<stage>.metrics.jsonl``, a readable line in the run's log
+        (and on the terminal with ``-v``), then ``align_metrics_logged``."""
+        from align.progress import format_numbers
+
         record = {"time": round(time.time(), 3), "step": step, **metrics}
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_file.open("a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
+        self.logger.debug("  %s%s: %s", self.name, f" step {step}" if step is not None else "", format_numbers(metrics))
         self.plugins.hook.align_metrics_logged(context=self, step=step, metrics=metrics)
+
+    def progress(self, total: int, unit: str = "steps", what: str = "", done: int = 0) -> Progress:
+        """A progress bar for this stage (:class:`align.progress.Progress`), labelled with its name and
+        ``what`` it counts when that is not its training (``"scoring"``, ``"generating"``)."""
+        from align.progress import Progress
+
+        return Progress(f"{self.name} {what}".strip(), total, unit, done=done)
 
 
 @dataclass

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from align.data import DataSource
 from align.reward import RewardFunction, columns_of
-from align.rollout import Sampling, check_engine, engine_named
+from align.rollout import Sampling, check_engine, engine_named, generate_in_chunks
 from align.schema import MAX_SEED, setting
 
 if TYPE_CHECKING:
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
+    from align.stage import StageContext
 
 __all__ = ["ScoreSettings", "check_score", "score_setting", "task_score"]
 
@@ -55,7 +56,7 @@ def check_score(settings: ScoreSettings | None, plugins: AlignPluginManager, rec
         check_engine(plugins, recipe, settings.engine, {}, "score.engine")
 
 
-def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any) -> dict[str, float]:
+def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: StageContext) -> dict[str, float]:
     """Generate answers to ``samples`` prompts and average the rule's scores."""
     from align.prepare import load_prompts
     from align.render import Renderer
@@ -76,7 +77,8 @@ def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: Any
         seed=settings.seed,
     )
     try:
-        generated = session.generate(prompt_ids, sampling)
+        with context.progress(len(prompt_ids), "prompts", what="scoring") as bar:
+            generated = generate_in_chunks(session, prompt_ids, sampling, bar)
     finally:
         session.close()
     responses = [tokenizer.decode(r, skip_special_tokens=True) for r in generated]

@@ -45,6 +45,7 @@ from align.trackers import Tracker, report_to_setting, run_name
 if TYPE_CHECKING:
     from align.memory import ModelShape
     from align.plugin_manager import AlignPluginManager
+    from align.progress import Progress
     from align.recipe import Recipe, StageSpec
 
 __all__ = [
@@ -156,6 +157,7 @@ def _build_trainer_config(
     arguments = {
         "output_dir": str(output_dir),
         "report_to": [],  # align reports the trainer's logs itself, as every stage's (align.trackers)
+        "disable_tqdm": True,  # the stage's own progress bar shows the steps (align.progress)
         "logging_nan_inf_filter": False,  # the NaN guard must see a NaN loss, not an average hiding it
         "save_total_limit": 2,
         **settings,
@@ -169,9 +171,13 @@ def _build_trainer_config(
 
 def train(trainer: Any, context: StageContext) -> Any:
     """Run the trainer: metrics to JSONL and the stage's trackers, resume from the last checkpoint, stop on NaN."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     metrics, guard = _callbacks(context)
     trainer.add_callback(metrics)
     trainer.add_callback(guard)
+    for printer in (PrinterCallback, ProgressCallback):  # dicts of metrics: align prints them readably
+        trainer.remove_callback(printer)
     context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
     folder = context.output_dir / CHECKPOINTS
     resume = last_checkpoint(folder, resumable=True)
@@ -406,13 +412,33 @@ def _callbacks(context: StageContext) -> tuple[Any, Any]:
     """The metrics callback and the NaN guard. Defined here so that importing this module stays light."""
     from transformers import TrainerCallback
 
+    stage = context.stage
+    renamed = {"loss": "loss", **getattr(stage, "metrics", {})}  # TRL's names → align's, as reported
+    shown = [name for name in stage.key_metrics if name in renamed.values()]
+
     class Metrics(TrainerCallback):
-        """Every log line to ``logs/<stage>.metrics.jsonl`` and ``align_metrics_logged``."""
+        """Every log line to ``logs/<stage>.metrics.jsonl`` and ``align_metrics_logged``; the progress bar."""
+
+        bar: Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = context.progress(state.max_steps, done=state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if is_main_process():
                 numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
                 context.log_metrics(numbers, step=state.global_step)
+                if self.bar is not None:
+                    named = {renamed[k]: v for k, v in numbers.items() if k in renamed}
+                    self.bar.update(numbers={name: named[name] for name in shown if name in named})
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
 
     class NanGuard(TrainerCallback):
         """Stops training when the loss stops being a number, and keeps only checkpoints from before."""
@@ -602,6 +628,7 @@ class TRLStage(Stage):
     data_kind: ClassVar[str] = CONVERSATIONS
     Config: ClassVar[type] = PolicyTrainingSettings
     metrics: ClassVar[Mapping[str, str]] = {}
+    key_metrics: ClassVar[tuple[str, ...]] = ("loss", "task_score")
     model_kind: ClassVar[Kind] = "causal"
     reference: ClassVar[bool] = False
     produces: ClassVar[str | None] = POLICY

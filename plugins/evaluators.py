@@ -257,6 +257,7 @@ class TaskMetrics(Evaluator):
                 examples += load_examples(entry, formats, format_name=source.format)[0]
             run.memo["task_metrics"] = [e for e in examples if not e.is_preference][: run.settings.samples]
         examples = run.memo["task_metrics"]
+        modules = {name: _metric_module(name) for name in run.settings.task_metrics}  # fail before generating
         renderer = Renderer(run.tokenizer, 1 << 30)
         sampling = Sampling(max_new_tokens=run.settings.max_new_tokens, greedy=True, seed=run.settings.seed)
         responses = run.generate(model.path, [renderer.prompt_ids(e.prompt) for e in examples], sampling)
@@ -265,7 +266,7 @@ class TaskMetrics(Evaluator):
         return [
             Metric(
                 name,
-                _metric(name, predictions, references),
+                _score(name, modules[name], predictions, references),
                 Path(name).stem,
                 n=len(examples),
                 higher_is_better=True if (METRICS / f"{name}.py").is_file() else None,  # align's own: scores
@@ -274,19 +275,24 @@ class TaskMetrics(Evaluator):
         ]
 
 
-def _metric(name: str, predictions: list[str], references: list[str]) -> float:
+def _metric_module(name: str) -> Any:
+    """The `evaluate` module ``name``: align's own (plugins/metrics), a local path, or a hub metric."""
     import evaluate
 
     local = METRICS / f"{name}.py"
-    where = str(local) if local.is_file() else name
     try:
-        module = evaluate.load(where)
+        return evaluate.load(str(local) if local.is_file() else name)
+    except AlignError:  # align's own module says which package it misses
+        raise
     except Exception as error:
         raise AlignError(
             f"task metric '{name}' cannot be loaded: {type(error).__name__}: {error}",
             hint="align's own metrics (exact_match, bleu, rouge_l) load offline; a hub metric needs the network, "
             "or give the path of a local evaluate module",
         ) from None
+
+
+def _score(name: str, module: Any, predictions: list[str], references: list[str]) -> float:
     computed = module.compute(predictions=predictions, references=references)
     return float(next(iter(computed.values()))) if len(computed) == 1 else float(computed.get(name, 0.0))
 

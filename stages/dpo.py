@@ -79,6 +79,7 @@ class DPOStage(TRLStage):
     reference = True
     inputs = {"policy": Input("the policy to align; also the frozen reference", artifact=POLICY, default=(BASE,))}
     metrics = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
+    key_metrics = ("loss", "reward_accuracy", "task_score")
     version = "2"
 
     def check(self, config: DPOSettings, recipe: Recipe, plugins: AlignPluginManager) -> None:

@@ -50,6 +50,7 @@ class EvalStage(Stage):
     """Evaluate every policy against the reference; gates can fail the run."""
 
     name = "eval"
+    key_metrics = ("win_rate",)
     Config = EvalStageSettings
     version = "2"  # results.json align.eval/2, metrics per policy
     inputs = {
@@ -89,7 +90,13 @@ class EvalStage(Stage):
         for policy in policies:
             models.setdefault(policy.producer, policy.path)
         results = evaluate_models(
-            models, reference.path, judge.path if judge else None, config, context.plugins, context.recipe.dataset_dir
+            models,
+            reference.path,
+            judge.path if judge else None,
+            config,
+            context.plugins,
+            context.recipe.dataset_dir,
+            label=context.name,
         )
         write_reports(results, context.output_dir)
         rows = {name: entry["metrics"] for name, entry in results["models"].items()}

@@ -74,6 +74,7 @@ class KTOStage(TRLStage):
         "rewards/margins": "reward_margin",
         "kl": "kl",
     }
+    key_metrics = ("loss", "reward_margin", "kl", "task_score")
     version = "1"
 
     def trainer_settings(self, config: KTOSettings) -> dict[str, Any]:

@@ -61,6 +61,7 @@ class ORPOStage(TRLStage):
         "log_odds_ratio": "log_odds_ratio",
         "nll_loss": "nll_loss",
     }
+    key_metrics = ("loss", "reward_accuracy", "task_score")
     version = "1"
 
     def trainer_settings(self, config: ORPOSettings) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class RMStage(TRLStage):
     produces = REWARD_MODEL
     inputs = {"policy": Input("the model the reward model starts from", artifact=POLICY, default=(BASE,))}
     metrics = {"accuracy": "accuracy", "margin": "margin"}
+    key_metrics = ("loss", "accuracy")
     version = "2"
 
     def trainer_settings(self, config: RMSettings) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class SimPOStage(TRLStage):
     data_kind = PREFERENCES
     inputs = {"policy": Input("the policy to align", artifact=POLICY, default=(BASE,))}
     metrics = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin"}
+    key_metrics = ("loss", "reward_accuracy", "task_score")
     version = "1"
 
     def trainer_settings(self, config: SimPOSettings) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     result = run_align("run", str(REPO / "examples" / "quickstart.yaml"), "--run-dir", str(run_dir), cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    # What the user saw, for the tests of the terminal (test_console.py); beside the run folder, not in it.
+    (run_dir.parent / "terminal.txt").write_text(result.stderr + result.stdout, encoding="utf-8")
     return run_dir
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import struct
-import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from align import AlignError
 from align.evaluation import EvalSettings, evaluate_models
 from align.plugin_manager import get_plugin_manager
+from browser import chromium, loaded_dom, non_white_share, screenshot
 from conftest import EXTERNAL, REPO, run_align
 
 pytestmark = pytest.mark.slow
@@ -222,8 +221,12 @@ def test_the_reports_draw_whatever_rows_they_are_given():
     assert "| a (reference) | -2.500 | - |" in markdown and "| b | 1.250 [0.500, 2.000] | 0.000 |" in markdown
     assert "- **a \\| b** → c d" in markdown
     page = html_report(results)
-    assert page.count("<svg") == 3  # two bar charts (m1, m2), one distribution (m1 has samples)
+    assert page.count('<figure class="plot bars"') == 2  # m1, m2
+    assert page.count('<figure class="plot distribution"') == 1  # m1 has samples
+    assert "plot tradeoff" not in page  # no metrics named reward and kl
+    assert page.count("<svg") == 3 and ">count</text>" in page and ">first</text>" in page  # axes, labelled
     assert "some-engine" in page and "<td>1.250 [0.500, 2.000]</td>" in page
+    assert "<th>model</th><th>first</th><th>m2</th>" in page  # two metrics: a column each
 
 
 def test_mt_bench_questions_are_a_prompt_set(quickstart, tmp_path):
@@ -322,77 +325,23 @@ def test_a_missed_gate_fails_the_run_saying_which(quickstart, tmp_path):
     assert summary["status"] == "failed" and summary["stages"]["eval"]["status"] == "failed"
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 def test_the_html_report_opens_offline_and_is_not_blank(quickstart, tmp_path):
     page = (quickstart / "eval" / "report.html").read_text()
-    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(["']?(https?:)?//""", page)  # no fetch
     results = results_of(quickstart / "eval")
     metrics = {name for entry in results["models"].values() for name in entry["metrics"]}
     sampled = {name for entry in results["models"].values() for name in entry["samples"]}
     assert sampled == {"reward", "kl", "response_length", "sentiment"}
-    assert page.count("<svg") == len(metrics) + len(sampled)  # a bar chart per metric, a distribution per sampled
+    # a bar chart per metric, a histogram per sampled one, and reward against KL: each an SVG with axes
+    assert page.count('<figure class="plot bars"') == len(metrics)
+    assert page.count('<figure class="plot distribution"') == len(sampled)
+    assert page.count('<figure class="plot tradeoff"') == 1
+    assert page.count("<svg") == len(metrics) + len(sampled) + 1
+    assert page.count(">count</text>") == len(sampled)  # the histograms' y-axis
     browser = chromium()
     if browser is None:
         pytest.skip("Chromium is not installed (the README's test command installs it)")
-    screenshot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={screenshot}",
-            "--window-size=1000,1200",
-            (quickstart / "eval" / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    assert non_white_share(screenshot) > 0.02
-
-
-def non_white_share(png: Path) -> float:
-    """The share of a PNG's pixels that are not white (8-bit RGB or RGBA, as Chromium writes them)."""
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    assert depth == 8 and colour in (2, 6)
-    channels = 4 if colour == 6 else 3
-    chunks, position = [], 8
-    while position < len(data):
-        length, kind = struct.unpack(">I4s", data[position : position + 8])
-        if kind == b"IDAT":
-            chunks.append(data[position + 8 : position + 8 + length])
-        position += 12 + length
-    raw = zlib.decompress(b"".join(chunks))
-    stride = width * channels
-    previous = bytearray(stride)
-    coloured = 0
-    for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
-        for x in range(stride):  # undo the PNG row filter (None, Sub, Up, Average, Paeth)
-            left = line[x - channels] if x >= channels else 0
-            up, corner = previous[x], previous[x - channels] if x >= channels else 0
-            if kind == 1:
-                line[x] = (line[x] + left) & 255
-            elif kind == 2:
-                line[x] = (line[x] + up) & 255
-            elif kind == 3:
-                line[x] = (line[x] + (left + up) // 2) & 255
-            elif kind == 4:
-                guess = left + up - corner
-                nearest = min((abs(guess - left), 0, left), (abs(guess - up), 1, up), (abs(guess - corner), 2, corner))
-                line[x] = (line[x] + nearest[2]) & 255
-        coloured += sum(1 for x in range(0, stride, channels) if min(line[x : x + 3]) < 240)
-        previous = line
-    return coloured / (width * height)
+    dom, seen = loaded_dom(browser, quickstart / "eval" / "report.html", tmp_path)
+    assert int(seen["scroll-width"]) <= int(seen["inner-width"])  # 12 metrics, and no sideways scroll
+    assert "<title>align evaluation</title>" in dom
+    assert non_white_share(screenshot(browser, quickstart / "eval" / "report.html", tmp_path / "report.png")) > 0.02

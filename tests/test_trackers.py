@@ -9,6 +9,7 @@ The trackers of this module are a third party's: registered by a plugin, as any 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import sys
@@ -424,7 +425,9 @@ def test_another_machines_first_process_reports_nothing(tmp_path, monkeypatch):
     path.write_text("model: tiny-llama\ndefaults: {report_to: rows}\nstages:\n  a: {plugin: steps}\n")
     recipe = load_recipe(path, [], pm)
     spec = recipe.stages["a"]
-    context = StageContext("a", spec.stage, spec.config, {}, tmp_path / "work", tmp_path / "run", recipe, pm, None)
+    context = StageContext(
+        "a", spec.stage, spec.config, {}, tmp_path / "work", tmp_path / "run", recipe, pm, logging.getLogger("align.a")
+    )
     monkeypatch.setenv("RANK", "2")  # machine 1's first process, of two processes per machine
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setattr(backend, "_own_run_folders", True)

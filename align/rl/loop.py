@@ -172,6 +172,7 @@ class OnlineRLStage(Stage):
     #: Default learning rates; a settings class that redeclares ``learning_rate`` uses the same ones.
     learning_rates: ClassVar[LearningRates] = PPO_RATES
     produces = POLICY
+    key_metrics = ("reward", "kl", "task_score")
     inputs = {
         "policy": Input("the policy to optimise; also the frozen reference", artifact=POLICY, default=(BASE,)),
         "reward_model": Input(
@@ -330,24 +331,25 @@ class OnlineRL:
         start = self._resume()
         if config.score is not None and start == 0:
             self.before["task_score_before"] = self._task_score()["task_score"]
-        for step in range(start, config.steps):
-            started = time.perf_counter()
-            batch, stats = self._rollout(self.sampler.next(config.batch_size))
-            stats.update(self._optimise(batch))
-            if "kl" in stats:
-                self.kl.update(stats["kl"], self.responses_per_step * self.accelerator.num_processes)
-                stats["kl_coef"] = self.kl.value
-            self.session.sync(self._policy())
-            stats["step_seconds"] = time.perf_counter() - started
-            self.history["reward"].append(stats["reward"])
-            if (step + 1) % config.logging_steps == 0 and is_main_process():
-                self.context.log_metrics(stats, step=step + 1)
-                self._report(step + 1, stats)
-            saving = bool(config.save_steps) and (step + 1) % config.save_steps == 0 and step + 1 < config.steps
-            # Before the checkpoint, not after: a checkpoint of broken weights would be what a rerun resumes.
-            self._stop_unless_finite(stats, step + 1, weights=saving or step + 1 == config.steps)
-            if saving:
-                self._checkpoint(step + 1)
+        with self.context.progress(config.steps, done=start) as bar:
+            for step in range(start, config.steps):
+                started = time.perf_counter()
+                batch, stats = self._rollout(self.sampler.next(config.batch_size))
+                stats.update(self._optimise(batch))
+                if "kl" in stats:
+                    self.kl.update(stats["kl"], self.responses_per_step * self.accelerator.num_processes)
+                    stats["kl_coef"] = self.kl.value
+                self.session.sync(self._policy())
+                stats["step_seconds"] = time.perf_counter() - started
+                self.history["reward"].append(stats["reward"])
+                if (step + 1) % config.logging_steps == 0 and is_main_process():
+                    self.context.log_metrics(stats, step=step + 1)
+                bar.update(step + 1, numbers={name: stats[name] for name in ("reward", "kl") if name in stats})
+                saving = bool(config.save_steps) and (step + 1) % config.save_steps == 0 and step + 1 < config.steps
+                # Before the checkpoint, not after: a checkpoint of broken weights would be what a rerun resumes.
+                self._stop_unless_finite(stats, step + 1, weights=saving or step + 1 == config.steps)
+                if saving:
+                    self._checkpoint(step + 1)
         self.session.close()
         metrics = {**self.before, "steps": float(config.steps)}
         rewards = self.history["reward"]
@@ -697,14 +699,6 @@ class OnlineRL:
         table = torch.stack([columns[n].float() for n in names]).T.contiguous()
         gathered = self.accelerator.gather_for_metrics(table)
         return {name: gathered[:, i].mean().item() for i, name in enumerate(names)}
-
-    def _report(self, step: int, stats: Mapping[str, float]) -> None:
-        parts = [f"reward {stats['reward']:.3f}"]
-        parts += [f"{n} {v:.3f}" for n, v in stats.items() if n.startswith("reward_") or n == "rm_score"]
-        if "kl" in stats:
-            parts.append(f"kl {stats['kl']:.3f}")
-        parts.append(f"length {stats['response_length']:.1f}")
-        self.context.logger.info("  step %d/%d: %s", step, self.config.steps, ", ".join(parts))
 
     def _task_score(self) -> dict[str, float]:
         from align.task_score import task_score
