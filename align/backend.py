@@ -38,6 +38,7 @@ __all__ = [
     "is_main_process",
     "is_rank_zero",
     "join_process_group",
+    "rank",
     "share",
     "trainer_arguments",
     "wait_for_everyone",
@@ -142,9 +143,7 @@ def check_hardware(backend: Backend) -> None:
     needs_gpu = backend.kind == "fsdp" or backend.precision == "fp16"
     if not needs_gpu:
         return
-    import torch
-
-    if torch.cuda.is_available():
+    if has_cuda():
         return
     if backend.kind == "fsdp":
         raise AlignError(
@@ -275,9 +274,7 @@ BACKEND_OPTIONS = {
 
 def trainer_arguments(backend: Backend) -> dict[str, Any]:
     """``TrainingArguments`` settings for this backend, shared by every TRL-based stage."""
-    import torch
-
-    cuda = torch.cuda.is_available()
+    cuda = has_cuda()
     arguments: dict[str, Any] = {
         "bf16": backend.precision == "bf16",
         "fp16": backend.precision == "fp16",
@@ -316,7 +313,7 @@ def is_main_process() -> bool:
     the machines of a run each have a run folder of their own, also each machine's first process."""
     if _own_run_folders:
         return int(os.environ.get("LOCAL_RANK", "0")) == 0
-    return _rank() == 0
+    return is_rank_zero()
 
 
 _own_run_folders = False
@@ -334,14 +331,15 @@ def own_run_folders() -> bool:
     return _own_run_folders
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's global rank (RANK; 0 when it runs alone)."""
     return int(os.environ.get("RANK", "0"))
 
 
 def is_rank_zero() -> bool:
     """Whether this is the run's first process of all (global rank 0): the one that speaks for the whole
     run to the outside (trackers), where :func:`is_main_process` may be true on every machine."""
-    return _rank() == 0
+    return rank() == 0
 
 
 def save_on_this_machine(model: Any) -> None:
@@ -351,7 +349,7 @@ def save_on_this_machine(model: Any) -> None:
     rank 0, whatever ``save_on_each_node`` says: the first process of another machine would publish, and
     checkpoint, a folder without weights.
     """
-    if own_run_folders() and is_main_process() and _rank() != 0 and hasattr(model, "should_save_on_this_rank"):
+    if own_run_folders() and is_main_process() and rank() != 0 and hasattr(model, "should_save_on_this_rank"):
         model.should_save_on_this_rank = lambda is_main_process: is_main_process
 
 
@@ -383,19 +381,10 @@ def agree(problem: AlignError | None) -> None:
         if problem is not None:
             raise problem
         return
-    store = _launch_store()
-    key = f"align/agree/{next(_store_agreements)}"
     said = None if problem is None else [problem.message, problem.hint]
-    store.set(f"{key}/{_rank()}", json.dumps(said))
-    ranks = [f"{key}/{rank}" for rank in range(int(os.environ["WORLD_SIZE"]))]
-    store.wait(ranks)
-    for rank in ranks:
-        found = json.loads(store.get(rank))
+    for found in map(json.loads, _gather("agree", json.dumps(said))):
         if found is not None:
             raise AlignError(found[0], hint=found[1])
-
-
-_store_agreements = itertools.count()
 
 
 def share(value: str | None) -> str:
@@ -404,7 +393,7 @@ def share(value: str | None) -> str:
         return value or ""
     store = _launch_store()
     key = f"align/share/{next(_store_shares)}"
-    if _rank() == 0:
+    if rank() == 0:
         store.set(key, value or "")
     store.wait([key])
     return bytes(store.get(key)).decode()
@@ -417,15 +406,22 @@ def any_process(flag: bool) -> bool:
     """Across the launched processes: whether ``flag`` is true in any of them (all of them call this)."""
     if not must_sync():
         return flag
+    return b"1" in _gather("any", "1" if flag else "0")
+
+
+def _gather(tag: str, value: str) -> list[bytes]:
+    """Across the launched processes: each one's ``value``, by rank (all of them call this, in the same
+    order, with the same ``tag``)."""
     store = _launch_store()
-    key = f"align/any/{next(_store_anys)}"
-    store.set(f"{key}/{_rank()}", "1" if flag else "0")
-    ranks = [f"{key}/{rank}" for rank in range(int(os.environ["WORLD_SIZE"]))]
-    store.wait(ranks)
-    return any(bytes(store.get(rank)) == b"1" for rank in ranks)
+    key = f"align/{tag}/{next(_store_gathers[tag])}"
+    store.set(f"{key}/{rank()}", value)
+    keys = [f"{key}/{number}" for number in range(int(os.environ["WORLD_SIZE"]))]
+    store.wait(keys)
+    return [bytes(store.get(name)) for name in keys]
 
 
-_store_anys = itertools.count()
+#: A counter per tag, so that each call's keys are new.
+_store_gathers: dict[str, itertools.count[int]] = {"agree": itertools.count(), "any": itertools.count()}
 
 
 @functools.cache
@@ -446,7 +442,7 @@ def _launch_store() -> Any:
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         int(os.environ["WORLD_SIZE"]),
-        is_master=not agent_serves and _rank() == 0,
+        is_master=not agent_serves and rank() == 0,
         timeout=timedelta(minutes=30),  # as long as a process group's: rank 0 may be publishing gigabytes
         multi_tenant=not agent_serves,
     )

@@ -56,27 +56,11 @@ __all__ = [
     "user_deepspeed",
 ]
 
-#: DeepSpeed keys whose ``"auto"`` transformers fills for a TRL stage (its ``HfTrainerDeepSpeedConfig``).
-HF_FILLS = frozenset(
-    {
-        "train_micro_batch_size_per_gpu",
-        "gradient_accumulation_steps",
-        "train_batch_size",
-        "gradient_clipping",
-        "optimizer.params.lr",
-        "optimizer.params.betas",
-        "optimizer.params.eps",
-        "optimizer.params.weight_decay",
-        "scheduler.params.warmup_min_lr",
-        "scheduler.params.warmup_max_lr",
-        "scheduler.params.warmup_num_steps",
-        "scheduler.params.total_num_steps",
-        "fp16.enabled",
-        "bf16.enabled",
-        "zero_optimization.reduce_bucket_size",
-        "zero_optimization.stage3_prefetch_bucket_size",
-        "zero_optimization.stage3_param_persistence_threshold",
-    }
+#: The keys filled from the model's hidden size (``hidden_size_fills``), as transformers and accelerate do.
+HIDDEN_SIZE_KEYS = (
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
 )
 #: DeepSpeed keys whose ``"auto"`` the online-RL loop fills. It has its own optimizer and schedule, so a
 #: config with ``optimizer`` or ``scheduler`` sections is refused for it.
@@ -88,17 +72,21 @@ RL_FILLS = frozenset(
         "gradient_clipping",
         "fp16.enabled",
         "bf16.enabled",
-        "zero_optimization.reduce_bucket_size",
-        "zero_optimization.stage3_prefetch_bucket_size",
-        "zero_optimization.stage3_param_persistence_threshold",
+        *HIDDEN_SIZE_KEYS,
     }
 )
-#: The keys filled from the model's hidden size (``hidden_size_fills``), as transformers and accelerate do.
-HIDDEN_SIZE_KEYS = (
-    "zero_optimization.reduce_bucket_size",
-    "zero_optimization.stage3_prefetch_bucket_size",
-    "zero_optimization.stage3_param_persistence_threshold",
-)
+#: DeepSpeed keys whose ``"auto"`` transformers fills for a TRL stage (its ``HfTrainerDeepSpeedConfig``):
+#: the online-RL loop's, and the optimizer's and schedule's.
+HF_FILLS = RL_FILLS | {
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+    "scheduler.params.warmup_min_lr",
+    "scheduler.params.warmup_max_lr",
+    "scheduler.params.warmup_num_steps",
+    "scheduler.params.total_num_steps",
+}
 
 _BACKEND_KINDS = {"NO": "single", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "DEEPSPEED": "deepspeed", "FSDP": "fsdp"}
 _PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -147,7 +135,6 @@ class _Accelerate:
     deepspeed: dict[str, tuple[Any, str]]  #: DeepSpeed key (dotted) → (value, where)
     deepspeed_file: tuple[str, str] | None  #: (path, where) of its deepspeed_config_file
     fsdp: dict[str, Any]
-    fsdp_where: dict[str, str]
     total_processes: tuple[int, str] | None  #: num_processes (of all machines), where
 
 
@@ -401,10 +388,12 @@ def _read_accelerate(path: str, key: str) -> _Accelerate:
     claims.append(_Claim("kind", _BACKEND_KINDS[kind], f"distributed_type: {kind}", at("distributed_type")))
 
     total = None
-    for name, setting in (("num_machines", "num_machines"), ("machine_rank", "machine_rank")):
+    for name in ("num_machines", "machine_rank"):
         if data.get(name) is not None:
-            value = _int(data[name], f"{key}: {at(name)}: {name}", minimum=0 if name == "machine_rank" else 1)
-            claims.append(_Claim(setting, value, f"{name}: {value}", at(name)))
+            rank = name == "machine_rank"
+            value = _int(data[name], f"{key}: {at(name)}: {name}", minimum=0 if rank else 1)
+            # Each machine names its own rank (backend.machine_rank=1): one accelerate config serves them all.
+            claims.append(_Claim(name, value, f"{name}: {value}", at(name), accepts=_anything if rank else None))
     if data.get("num_processes") not in (None, -1):  # -1: accelerate's "not set"
         total = (_int(data["num_processes"], f"{key}: {at('num_processes')}: num_processes", 1), at("num_processes"))
     if data.get("main_process_ip"):
@@ -429,18 +418,23 @@ def _read_accelerate(path: str, key: str) -> _Accelerate:
     if data.get("use_cpu") and has_cuda():
         raise refuse("use_cpu", "use_cpu: true, but align trains on this machine's GPUs", "remove use_cpu")
 
+    def section(name: str, needs: str) -> Mapping[str, Any]:
+        """The config's ``name`` mapping, which only distributed_type ``needs`` may set."""
+        found = data.get(name) or {}
+        if not isinstance(found, Mapping):
+            raise refuse(name, f"{name} must be a mapping", "as `accelerate config` writes it")
+        if found and kind != needs:
+            raise refuse(
+                name,
+                f"{name} is set, but distributed_type is {kind}",
+                f"set distributed_type: {needs}, or remove {name}",
+            )
+        return found
+
     deepspeed: dict[str, tuple[Any, str]] = {}
     deepspeed_file = None
-    section = data.get("deepspeed_config") or {}
-    if not isinstance(section, Mapping):
-        raise refuse("deepspeed_config", "deepspeed_config must be a mapping", "as `accelerate config` writes it")
-    if section and kind != "DEEPSPEED":
-        raise refuse(
-            "deepspeed_config",
-            f"deepspeed_config is set, but distributed_type is {kind}",
-            "set distributed_type: DEEPSPEED, or remove deepspeed_config",
-        )
-    for name, value in section.items():
+    deepspeed_section = section("deepspeed_config", "DEEPSPEED")
+    for name, value in deepspeed_section.items():
         where = at(f"deepspeed_config.{name}")
         if name in _ACCELERATE_DEEPSPEED:
             if value is not None:
@@ -449,7 +443,7 @@ def _read_accelerate(path: str, key: str) -> _Accelerate:
             if value not in (None, "", "none"):
                 deepspeed_file = (str(value), where)
         elif name == "zero3_init_flag":
-            if value is False and section.get("zero_stage") == 3:
+            if value is False and deepspeed_section.get("zero_stage") == 3:
                 raise AlignError(
                     f"{key}: {where}: zero3_init_flag: false, but align builds ZeRO-3 models partitioned as they "
                     "load (otherwise each process would hold the whole model first)",
@@ -474,15 +468,7 @@ def _read_accelerate(path: str, key: str) -> _Accelerate:
             known = [*_ACCELERATE_DEEPSPEED, *_ACCELERATE_DEEPSPEED_OTHER]
             raise AlignError(f"{key}: {where}: unknown deepspeed_config key '{name}'{did_you_mean(str(name), known)}")
 
-    fsdp = data.get("fsdp_config") or {}
-    if not isinstance(fsdp, Mapping):
-        raise refuse("fsdp_config", "fsdp_config must be a mapping", "as `accelerate config` writes it")
-    if fsdp and kind != "FSDP":
-        raise refuse(
-            "fsdp_config",
-            f"fsdp_config is set, but distributed_type is {kind}",
-            "set distributed_type: FSDP, or remove it",
-        )
+    fsdp = section("fsdp_config", "FSDP")
     for name, value in fsdp.items():
         if name not in _FSDP_KEYS:
             raise refuse(
@@ -494,12 +480,15 @@ def _read_accelerate(path: str, key: str) -> _Accelerate:
                 f"fsdp_state_dict_type: {value}: align publishes whole checkpoints that transformers and vLLM load",
                 "use FULL_STATE_DICT, or remove it",
             )
-    fsdp_where = {name: at(f"fsdp_config.{name}") for name in fsdp}
-    return _Accelerate(path, claims, deepspeed, deepspeed_file, dict(fsdp), fsdp_where, total)
+    return _Accelerate(path, claims, deepspeed, deepspeed_file, dict(fsdp), total)
 
 
 def _other_than(value: Any) -> Callable[[Any], bool]:
     return lambda found: found != value
+
+
+def _anything(value: Any) -> bool:
+    return True
 
 
 def _int(value: Any, where: str, minimum: int) -> int:
@@ -664,8 +653,8 @@ def resolve_backend(data: Any, path: str = "backend") -> Backend:
     defaults = {f.name: f.default for f in dataclasses.fields(Backend)}
     for claim in claims:  # before the backend is built: its own checks would hide where a value came from
         value = merged.get(claim.setting, defaults[claim.setting])
-        if claim.agrees(value) or (claim.setting == "machine_rank" and "machine_rank" in explicit):
-            continue  # each machine names its own rank: one accelerate config serves them all
+        if claim.agrees(value):
+            continue
         told = origin.get(claim.setting, f"align's default is {claim.setting}: {_plain(value)}")
         if claim.says.endswith("stage3_gather_16bit_weights_on_model_save: false"):
             raise AlignError(
@@ -859,7 +848,7 @@ def file_identity(backend: Backend) -> dict[str, Any]:
     config and fsdp_config as they apply. A changed value reruns the stages; a renamed or moved file, or an
     accelerate config that differs only in what it says about this machine (machine_rank), does not."""
     found: dict[str, Any] = {}
-    user = user_deepspeed(backend) if backend.deepspeed or backend.accelerate_config else None
+    user = user_deepspeed(backend)
     if user is not None:
         found["deepspeed_config"] = hashlib.sha256(json.dumps(user.config, sort_keys=True).encode()).hexdigest()
     fsdp = _user_fsdp(backend)

@@ -463,9 +463,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(recipe.to_plain(), indent=2))
     else:
-        import yaml
-
-        print(yaml.safe_dump(recipe.to_plain(), sort_keys=False), end="")
+        print(recipe.to_yaml(), end="")
     return 0
 
 

@@ -41,9 +41,11 @@ class Console:
 
     @property
     def width(self) -> int:
-        import shutil
-
-        return shutil.get_terminal_size((100, 24)).columns
+        # The terminal's own width: descriptor 1, which shutil would ask, is the capture's pipe by now.
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 100
 
     def line(self, text: str) -> None:
         """Print ``text`` (one or more lines) above the live line."""

@@ -11,11 +11,12 @@ row, or, with ``on_bad_row: skip``, is skipped and counted by reason. Nothing is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -333,18 +334,12 @@ def _hub_split(entry: DatasetEntry, hub: str, where: str) -> Any:
         datasets.disable_progress_bars()
         named = f"{where} loads the hub dataset '{hub}'" + (f" (subset '{entry.subset}')" if entry.subset else "")
         # Offline, datasets warns that it falls back to its cache: that is what offline means, not news.
-        quiet = [logging.getLogger(n) for n in ("datasets.load", "datasets.packaged_modules.cache.cache")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
         try:
-            # Every split: datasets prepares them all anyway, and a wrong `split` can then name the others.
-            _HUB_COPIES[key] = datasets.load_dataset(hub, entry.subset, data_dir=entry.folder)
+            with _quiet(logging.ERROR, "datasets.load", "datasets.packaged_modules.cache.cache"):
+                # Every split: datasets prepares them all anyway, and a wrong `split` can then name the others.
+                _HUB_COPIES[key] = datasets.load_dataset(hub, entry.subset, data_dir=entry.folder)
         except Exception as error:  # datasets' errors name neither the registry nor its entry
             raise _hub_error(error, named, entry, offline) from None
-        finally:
-            for q, level in zip(quiet, levels, strict=True):
-                q.setLevel(level)
         logger.debug("%s: %s", named, _HUB_COPIES[key])
     splits = _HUB_COPIES[key]
     if entry.split not in splits:
@@ -421,18 +416,29 @@ def _read_file(entry: DatasetEntry) -> list[dict[str, Any]]:
     builder = FILE_TYPES.get(path.suffix)
     if builder is None:
         raise AlignError(f"dataset '{entry.name}': {path}: unsupported file type; use {', '.join(FILE_TYPES)}")
-    quiet = logging.getLogger("datasets.packaged_modules.json.json")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # its "Failed to load JSON" is ours to report, below
     try:
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+        # Its "Failed to load JSON" is ours to report, below.
+        with _quiet(logging.CRITICAL, "datasets.packaged_modules.json.json"):
+            loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets' errors say little about where; find the place ourselves
         if builder == "json":
             return _read_json_by_hand(path, error)
         raise AlignError(f"dataset '{entry.name}': {path} cannot be read as {builder}: {error}") from None
-    finally:
-        quiet.setLevel(level)
     return loaded.to_list()
+
+
+@contextlib.contextmanager
+def _quiet(level: int, *names: str) -> Iterator[None]:
+    """Raise the loggers ``names`` to ``level`` for the block, and put them back."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [found.level for found in loggers]
+    for found in loggers:
+        found.setLevel(level)
+    try:
+        yield
+    finally:
+        for found, previous in zip(loggers, saved, strict=True):
+            found.setLevel(previous)
 
 
 def _check_text(path: Path) -> None:

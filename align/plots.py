@@ -55,6 +55,7 @@ __all__ = [
     "Panel",
     "curves_figure",
     "panels",
+    "plot_is_stale",
     "plot_path",
     "plot_stage",
     "read_rows",
@@ -246,11 +247,21 @@ def plot_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "plots" / f"{stage}.png"
 
 
+def plot_is_stale(run_dir: Path, stage: str) -> bool:
+    """Whether the stage logged metrics that its plot does not show yet (the plot is missing or older)."""
+    plot, log = plot_path(run_dir, stage), _metrics_log(run_dir, stage)
+    return log.exists() and (not plot.exists() or plot.stat().st_mtime < log.stat().st_mtime)
+
+
+def _metrics_log(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "logs" / f"{stage}.metrics.jsonl"
+
+
 def plot_stage(run_dir: Path, stage: str) -> Path | None:
     """Draw ``RUN/plots/<stage>.png`` from ``RUN/logs/<stage>.metrics.jsonl``; returns its path, or None
     when the stage logged nothing to draw (then an older plot of it is removed: it was of another attempt)."""
     run_dir = Path(run_dir)
-    figure = curves_figure(read_rows(run_dir / "logs" / f"{stage}.metrics.jsonl"), stage)
+    figure = curves_figure(read_rows(_metrics_log(run_dir, stage)), stage)
     path = plot_path(run_dir, stage)
     if figure is None:
         path.unlink(missing_ok=True)
@@ -292,8 +303,6 @@ def align_stage_finished(context: StageContext, outcome: StageOutcome) -> None:
     _last_drawn.pop(context.metrics_file, None)
     if not is_main_process() or outcome.status == "pending":
         return
-    if outcome.status == "cached":
-        plot, log = plot_path(context.run_dir, context.name), context.metrics_file
-        if not log.exists() or (plot.exists() and plot.stat().st_mtime >= log.stat().st_mtime):
-            return
+    if outcome.status == "cached" and not plot_is_stale(context.run_dir, context.name):
+        return
     _redraw(context, "at its end")

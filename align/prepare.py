@@ -24,8 +24,6 @@ __all__ = ["Prepared", "as_kind", "check_data", "data_files", "load_prompts", "p
 
 logger = logging.getLogger("align.data")
 
-_described: set[str] = set()  # what load_prompts has told the user it read, in this process
-
 
 @dataclass
 class Prepared:
@@ -186,9 +184,6 @@ def load_prompts(
         examples, loaded = load_examples(
             entry, formats, on_bad_row, source.num_samples, source.format, allow_prompts=True
         )
-        described = loaded.describe()
-        # Scoring reads the same prompts before and after each stage: say what was read the first time.
-        logger.log(logging.DEBUG if described in _described else logging.INFO, "  prompts %s", described)
-        _described.add(described)
+        logger.info("  prompts %s", loaded.describe())
         prompts += apply_weight(as_kind(examples, kind, plugins, entry.name), source.weight, index)
     return prompts

@@ -25,8 +25,8 @@ from align.console import Console, active
 
 __all__ = ["Progress", "format_duration", "format_numbers", "headline"]
 
-#: In a log, a plain line at least this often (seconds), besides one at each quarter; none in the first
-#: PLAIN_AFTER seconds, which a stage's headline follows soon enough.
+#: In a log, a plain line at least every PLAIN_EVERY seconds, and one at each quarter done; but none in
+#: the first PLAIN_AFTER seconds (a stage's headline follows soon enough) nor within PLAIN_AFTER of another.
 PLAIN_EVERY, PLAIN_AFTER = 60.0, 10.0
 _REDRAW_EVERY = 0.1  # seconds between redraws of a terminal's bar
 _BAR_WIDTH = 20
@@ -76,8 +76,9 @@ class Progress:
                 console.live(self._bar(now))
             return
         quarter = self._quarter_of(self.done)
-        due = quarter > self._quarter or now - self._printed >= PLAIN_EVERY
-        if due and self.done < self.total and now - self._started >= PLAIN_AFTER:
+        since = now - self._printed  # the start counts as the last line
+        due = (quarter > self._quarter and since >= PLAIN_AFTER) or since >= PLAIN_EVERY
+        if due and self.done < self.total:
             self._quarter, self._printed = quarter, now
             console.line(self._plain(now))
 

@@ -213,6 +213,10 @@ class Recipe:
             **({"dataset_dir": self.dataset_dir} if self.dataset_dir else {}),
         }
 
+    def to_yaml(self) -> str:
+        """:meth:`to_plain` as YAML: what ``RUN/recipe.yaml`` holds and ``align config`` prints."""
+        return yaml.safe_dump(self.to_plain(), sort_keys=False)
+
 
 def load_recipe(path: str | Path, overrides: Sequence[str], pm: AlignPluginManager) -> Recipe:
     """Read, override and validate a recipe file; every problem is an :class:`AlignError`."""

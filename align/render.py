@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from align.chat_template import ChatTemplate, resolve_chat_template
+from align.chat_template import ChatTemplate
 from align.conversation import Example
 from align.errors import AlignError
 
-__all__ = ["IGNORE", "RenderReport", "Renderer", "padding_waste", "read_chat_template"]
+__all__ = ["IGNORE", "RenderReport", "Renderer", "padding_waste"]
 
 IGNORE = -100  # the label of a token that carries no loss (transformers' convention)
 BATCH = 512
@@ -348,10 +348,3 @@ def lost_tool_calls(messages: Sequence[dict[str, Any]], text: str) -> int:
             if function.get("name") and function["name"] not in text:
                 lost += 1
     return lost
-
-
-def read_chat_template(value: str | None) -> str | None:
-    """A ``chat_template`` setting's text: a ``.jinja`` file's content, or the template itself. Registered
-    names need the plugins: use :func:`~align.chat_template.resolve_chat_template`."""
-    template = resolve_chat_template(value)
-    return template.text if template else None

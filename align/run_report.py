@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from align.errors import AlignError
-from align.plots import plot_path, plot_stage
+from align.evaluation import SCHEMA
+from align.plots import plot_is_stale, plot_path, plot_stage
 from align.plugin_manager import AlignPluginManager
 from align.progress import format_duration, headline
 from align.report import REPORT_STYLE, evaluation_html
@@ -211,7 +212,7 @@ def _evaluation(run_dir: Path, name: str, outcome: Mapping[str, Any]) -> tuple[d
         except (OSError, UnicodeDecodeError, ValueError) as error:
             logger.warning("%s cannot be read, the run report leaves it out: %s", path, error)
             continue
-        if isinstance(results, dict) and results.get("schema") == "align.eval/2" and results.get("models"):
+        if isinstance(results, dict) and results.get("schema") == SCHEMA and results.get("models"):
             published = path.parent == run_dir / name
             return results, "" if published else str(path.parent.relative_to(run_dir))
     return None
@@ -344,8 +345,7 @@ def _count(value: Any) -> str:
 
 def _curves(run_dir: Path, name: str) -> str:
     path = plot_path(run_dir, name)
-    log = run_dir / "logs" / f"{name}.metrics.jsonl"
-    if log.exists() and (not path.exists() or path.stat().st_mtime < log.stat().st_mtime):
+    if plot_is_stale(run_dir, name):
         try:  # a run that was killed left no final plot, and one from before this version none at all
             plot_stage(run_dir, name)
         except Exception as error:  # the report still tells everything else

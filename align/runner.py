@@ -36,8 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 import align
 from align import hookimpl
 from align.artifacts import (
@@ -58,6 +56,7 @@ from align.backend import (
     is_main_process,
     is_rank_zero,
     must_sync,
+    rank,
     set_own_run_folders,
     share,
     wait_for_everyone,
@@ -227,10 +226,8 @@ def _open_run_dir(run_dir: Path, recipe: Recipe, held: contextlib.ExitStack, ver
                 held.enter_context(claim_run_dir(run_dir))
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         if is_main_process():
-            recipe_text = yaml.safe_dump(recipe.to_plain(), sort_keys=False)
-            (run_dir / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-        rank = int(os.environ.get("RANK", "0"))
-        label = f"rank {rank}" if rank else ""
+            (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        label = f"rank {rank()}" if rank() else ""
         held.enter_context(capture(run_dir / "logs" / "run.log", is_main_process(), verbose, label))
     except AlignError as error:
         problem = error

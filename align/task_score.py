@@ -18,11 +18,12 @@ from align.rollout import Sampling, check_engine, engine_named, generate_in_chun
 from align.schema import MAX_SEED, setting
 
 if TYPE_CHECKING:
+    from align.conversation import Example
     from align.plugin_manager import AlignPluginManager
     from align.recipe import Recipe
     from align.stage import StageContext
 
-__all__ = ["ScoreSettings", "check_score", "score_setting", "task_score"]
+__all__ = ["ScoreSettings", "check_score", "score_prompts", "score_setting", "task_score"]
 
 
 @dataclass
@@ -56,14 +57,26 @@ def check_score(settings: ScoreSettings | None, plugins: AlignPluginManager, rec
         check_engine(plugins, recipe, settings.engine, {}, "score.engine")
 
 
-def task_score(model: Any, tokenizer: Any, settings: ScoreSettings, context: StageContext) -> dict[str, float]:
-    """Generate answers to ``samples`` prompts and average the rule's scores."""
+def score_prompts(settings: ScoreSettings, context: StageContext) -> list[Example]:
+    """The ``samples`` prompts a policy is scored on, for a stage that scores more than once."""
     from align.prepare import load_prompts
+
+    loaded = load_prompts(settings.prompts, context.plugins, dataset_dir=context.recipe.dataset_dir)
+    return loaded[: settings.samples]
+
+
+def task_score(
+    model: Any, tokenizer: Any, settings: ScoreSettings, context: StageContext, prompts: list[Example] | None = None
+) -> dict[str, float]:
+    """Generate answers to ``samples`` prompts and average the rule's scores.
+
+    :param prompts: the prompts, when the stage has them from :func:`score_prompts` already.
+    """
     from align.render import Renderer
 
     plugins = context.plugins
     rule: RewardFunction = plugins.get("reward function", settings.reward_function)
-    prompts = load_prompts(settings.prompts, plugins, dataset_dir=context.recipe.dataset_dir)[: settings.samples]
+    prompts = prompts if prompts is not None else score_prompts(settings, context)
     renderer = Renderer(tokenizer, max_length=1 << 30)
     prompt_ids = [renderer.prompt_ids(p.messages) for p in prompts]
     engine = engine_named(plugins, settings.engine)

@@ -212,9 +212,7 @@ def run_name(context: StageContext) -> str:
 
 def recipe_yaml(context: StageContext) -> str:
     """The resolved recipe as YAML, as ``RUN/recipe.yaml`` holds it: a tracker's record of the whole run."""
-    import yaml
-
-    return yaml.safe_dump(context.recipe.to_plain(), sort_keys=False)
+    return context.recipe.to_yaml()
 
 
 def stage_recipe(context: StageContext) -> dict[str, Any]:

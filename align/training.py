@@ -157,7 +157,6 @@ def _build_trainer_config(
     arguments = {
         "output_dir": str(output_dir),
         "report_to": [],  # align reports the trainer's logs itself, as every stage's (align.trackers)
-        "disable_tqdm": True,  # the stage's own progress bar shows the steps (align.progress)
         "logging_nan_inf_filter": False,  # the NaN guard must see a NaN loss, not an average hiding it
         "save_total_limit": 2,
         **settings,
@@ -176,7 +175,7 @@ def train(trainer: Any, context: StageContext) -> Any:
     metrics, guard = _callbacks(context)
     trainer.add_callback(metrics)
     trainer.add_callback(guard)
-    for printer in (PrinterCallback, ProgressCallback):  # dicts of metrics: align prints them readably
+    for printer in (PrinterCallback, ProgressCallback):  # bars and metric dicts: align.progress and readable lines
         trainer.remove_callback(printer)
     context.plugins.hook.align_trainer_built(context=context, trainer=trainer)
     folder = context.output_dir / CHECKPOINTS

@@ -71,15 +71,10 @@ class _TensorBoardRun(TrackerRun):
         self.writer.close()
 
     def _text(self, tag: str, text: str) -> None:
-        """What torch's ``SummaryWriter.add_text`` writes: a string tensor for TensorBoard's text plugin."""
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.compat.proto.tensor_pb2 import TensorProto
-        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        """A string for TensorBoard's text plugin (its TEXT tab)."""
+        from tensorboard.plugins.text.summary_v2 import text_pb
 
-        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
-        shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
-        tensor = TensorProto(dtype="DT_STRING", string_val=[text.encode()], tensor_shape=shape)
-        self._write(Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)]), 0)
+        self._write(text_pb(tag, text), 0)
 
     def _write(self, summary: Any, step: int) -> None:
         from tensorboard.compat.proto.event_pb2 import Event

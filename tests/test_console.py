@@ -285,6 +285,21 @@ def test_in_a_log_a_bar_is_a_plain_line_at_each_quarter_and_each_minute(monkeypa
     assert not CONTROL.search(out.getvalue())
 
 
+def test_in_a_log_two_plain_lines_are_at_least_ten_seconds_apart(monkeypatch, clock):
+    out = a_console(monkeypatch, terminal=False)
+    bar = Progress("sft", 150)
+    clock.now = 10
+    bar.update(110)  # the first line, on the third quarter
+    clock.now = 10.3
+    bar.update(113)  # the fourth quarter starts, but a line was just written
+    clock.now = 21
+    bar.update(140)
+    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == [
+        "  sft: 110/150 steps",
+        "  sft: 140/150 steps",
+    ]
+
+
 def test_on_a_terminal_a_bar_is_redrawn_in_place_and_lines_go_above_it(monkeypatch, clock):
     out = a_console(monkeypatch, terminal=True)
     resumed = Progress("grpo", 10, done=4)

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal
 from align import memory
 from align.backend import is_main_process, save_on_this_machine
 from align.backend_files import RL_FILLS, check_stage_values
+from align.conversation import Example
 from align.data import DataSource, data_setting, on_bad_row_setting
 from align.errors import AlignError
 from align.kinds import PROMPTS
@@ -317,6 +318,7 @@ class OnlineRL:
             and config.kl_coef == 0
             and not config.adaptive_kl
         )
+        self.score_prompts: list[Example] | None = None  # read on the first score, reused for the last
         # What the final metrics are made of, kept in every checkpoint: a resumed run reports the same.
         self.before: dict[str, float] = {}
         self.history: dict[str, list[float]] = {"reward": []}
@@ -344,7 +346,7 @@ class OnlineRL:
                 self.history["reward"].append(stats["reward"])
                 if (step + 1) % config.logging_steps == 0 and is_main_process():
                     self.context.log_metrics(stats, step=step + 1)
-                bar.update(step + 1, numbers={name: stats[name] for name in ("reward", "kl") if name in stats})
+                bar.update(step + 1, numbers={n: stats[n] for n in self.context.stage.key_metrics if n in stats})
                 saving = bool(config.save_steps) and (step + 1) % config.save_steps == 0 and step + 1 < config.steps
                 # Before the checkpoint, not after: a checkpoint of broken weights would be what a rerun resumes.
                 self._stop_unless_finite(stats, step + 1, weights=saving or step + 1 == config.steps)
@@ -701,10 +703,12 @@ class OnlineRL:
         return {name: gathered[:, i].mean().item() for i, name in enumerate(names)}
 
     def _task_score(self) -> dict[str, float]:
-        from align.task_score import task_score
+        from align.task_score import score_prompts, task_score
 
         assert self.config.score is not None
-        return task_score(self._policy(), self.tokenizer, self.config.score, self.context)
+        if self.score_prompts is None:  # read once: the policy is scored before and after
+            self.score_prompts = score_prompts(self.config.score, self.context)
+        return task_score(self._policy(), self.tokenizer, self.config.score, self.context, self.score_prompts)
 
     def _stop_unless_finite(self, stats: Mapping[str, float], step: int, weights: bool) -> None:
         """Raise if a guarded statistic (or, with ``weights``, a weight) of any process is not a finite number.
